@@ -1,0 +1,25 @@
+"""Entry point of the `kiln` command."""
+
+import logging
+import os
+
+from agentkiln.cli.app import app
+
+# Each module adds its commands to `app` when imported.
+COMMAND_MODULES: list[str] = []
+
+
+def main() -> None:
+    import importlib
+
+    logging.basicConfig(
+        level=os.environ.get("KILN_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    app()
+
+
+if __name__ == "__main__":
+    main()

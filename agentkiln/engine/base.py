@@ -1,0 +1,95 @@
+"""What the gateway needs from an inference engine: chat in, tokens + logprobs out.
+
+The interface is chat-level (messages + tools), not token-level, so an upstream
+OpenAI-compatible server (vLLM returning token ids) and the embedded transformers
+engine plug in the same way. Every result carries the exact token ids and the
+sampling-time logprobs, because those are what RL training consumes.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, AsyncIterator, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ChatRequest(BaseModel):
+    """Normalised form of what OpenAI clients send (chat completions and responses API)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[dict[str, Any]] = Field(description="OpenAI chat messages (system/developer/user/assistant/tool)")
+    tools: list[dict[str, Any]] = Field(default_factory=list, description="OpenAI function tool definitions")
+    tool_choice: Any = None
+    max_tokens: int = Field(default=256, ge=1, le=32_768)
+    temperature: float = Field(default=1.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    n: int = Field(default=1, ge=1, le=64)
+    seed: Optional[int] = None
+    model: Optional[str] = None
+
+
+class ToolCall(BaseModel):
+    id: str
+    name: str
+    arguments: str = Field(description="JSON text, as OpenAI sends it")
+
+
+class ChatChoice(BaseModel):
+    """One sampled completion."""
+
+    index: int = 0
+    text: str = Field(description="assistant content with any parsed tool-call markup removed")
+    raw_text: str = Field(description="exactly the decoded response tokens")
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    finish_reason: Literal["stop", "length", "tool_calls"] = "stop"
+    response_ids: list[int] = Field(default_factory=list)
+    logprobs: list[float] = Field(default_factory=list)
+    parse_error: Optional[str] = Field(default=None, description="set when tool-call markup was malformed")
+
+
+class ChatResult(BaseModel):
+    prompt_ids: list[int]
+    prompt_text: Optional[str] = None
+    choices: list[ChatChoice]
+    model: str
+    model_version: str
+
+
+class StreamDelta(BaseModel):
+    """Incremental output of one choice while streaming; the last delta carries `final`."""
+
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    final: Optional[ChatResult] = None
+
+
+class Engine(abc.ABC):
+    """An inference backend. Implementations must be safe to call concurrently (batching is theirs)."""
+
+    model_name: str
+
+    @property
+    @abc.abstractmethod
+    def model_version(self) -> str:
+        """Identifies the weights now served (changes after load_weights)."""
+
+    @abc.abstractmethod
+    async def chat(self, request: ChatRequest) -> ChatResult: ...
+
+    @abc.abstractmethod
+    def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        """Yields deltas; must produce exactly the tokens `chat` would record (n must be 1)."""
+
+    async def load_weights(self, path: str, version: str) -> None:
+        """Swap in new weights (LoRA adapter folder or full checkpoint) without a restart."""
+        raise NotImplementedError(f"{type(self).__name__} cannot swap weights")
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

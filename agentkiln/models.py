@@ -1,0 +1,298 @@
+"""Wire data shared by every part of AgentKiln (store, server, gateway, runner, adapter, trainer).
+
+Everything that crosses a process boundary is one of these pydantic models, so the
+HTTP API, the SQLite rows and the in-memory store all agree on one shape.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import Enum
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Upper bounds that keep one bad client from filling the store or the server's memory.
+MAX_INPUT_BYTES = 1_000_000
+MAX_ATTRIBUTES_BYTES = 4_000_000
+MAX_NAME_LENGTH = 512
+
+
+def new_id(prefix: str) -> str:
+    """Readable, sortable-enough unique ids (prefix tells the kind in logs)."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def now() -> float:
+    return time.time()
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+
+# --------------------------------------------------------------------------- enums
+
+
+class RolloutStatus(str, Enum):
+    queuing = "queuing"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    requeuing = "requeuing"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RolloutStatus.succeeded, RolloutStatus.failed, RolloutStatus.cancelled)
+
+    @property
+    def waiting(self) -> bool:
+        """Can be handed to a runner by dequeue."""
+        return self in (RolloutStatus.queuing, RolloutStatus.requeuing)
+
+
+class AttemptStatus(str, Enum):
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    timeout = "timeout"
+    unresponsive = "unresponsive"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        # unresponsive is not final: a late heartbeat/span can revive the attempt.
+        return self in (
+            AttemptStatus.succeeded,
+            AttemptStatus.failed,
+            AttemptStatus.timeout,
+            AttemptStatus.cancelled,
+        )
+
+
+class FailureKind(str, Enum):
+    """Why an attempt failed; drives retry policy, dashboards and reward penalties."""
+
+    agent_exception = "agent_exception"
+    tool_error = "tool_error"
+    tool_timeout = "tool_timeout"
+    llm_error = "llm_error"
+    parse_error = "parse_error"
+    loop = "loop"
+    timeout = "timeout"
+    unresponsive = "unresponsive"
+    cancelled = "cancelled"
+
+
+class RolloutMode(str, Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+# --------------------------------------------------------------------------- rollouts & attempts
+
+
+class RolloutConfig(_Wire):
+    timeout_s: Optional[float] = Field(default=None, gt=0, description="wall-clock limit of one attempt")
+    unresponsive_s: Optional[float] = Field(
+        default=None, gt=0, description="an attempt with no heartbeat/span for this long is unresponsive"
+    )
+    max_attempts: int = Field(default=1, ge=1, le=100)
+    retry_on: list[FailureKind] = Field(
+        default_factory=list, description="failure kinds that requeue the rollout (while attempts remain)"
+    )
+
+
+class AttemptError(_Wire):
+    kind: FailureKind
+    message: str = ""
+    type: Optional[str] = Field(default=None, description="exception class name")
+    stack: Optional[str] = None
+
+
+class Rollout(_Wire):
+    rollout_id: str
+    input: Any = None
+    mode: Optional[RolloutMode] = None
+    status: RolloutStatus = RolloutStatus.queuing
+    resources_id: Optional[str] = None
+    config: RolloutConfig = Field(default_factory=RolloutConfig)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=now)
+    start_time: Optional[float] = None
+    end_time: Optional[float] = None
+    num_attempts: int = 0
+
+
+class Attempt(_Wire):
+    attempt_id: str
+    rollout_id: str
+    sequence_id: int = Field(description="1 for the first attempt of a rollout, 2 for its first retry, ...")
+    worker_id: Optional[str] = None
+    status: AttemptStatus = AttemptStatus.running
+    start_time: float = Field(default_factory=now)
+    end_time: Optional[float] = None
+    last_heartbeat: float = Field(default_factory=now)
+    error: Optional[AttemptError] = None
+
+
+class AttemptedRollout(_Wire):
+    """What dequeue hands a runner: the rollout and the attempt it now owns."""
+
+    rollout: Rollout
+    attempt: Attempt
+
+
+# --------------------------------------------------------------------------- spans
+
+
+class SpanStatus(_Wire):
+    code: Literal["UNSET", "OK", "ERROR"] = "UNSET"
+    description: Optional[str] = None
+
+
+class SpanEvent(_Wire):
+    name: str
+    timestamp: Optional[float] = None
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class SpanIn(_Wire):
+    """A span as a producer sends it (OpenTelemetry shape); the store assigns sequence_id."""
+
+    rollout_id: str
+    attempt_id: str
+    name: str = Field(max_length=MAX_NAME_LENGTH)
+    trace_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    span_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:16])
+    parent_id: Optional[str] = None
+    start_time: float = Field(default_factory=now)
+    end_time: Optional[float] = None
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    events: list[SpanEvent] = Field(default_factory=list)
+    status: SpanStatus = Field(default_factory=SpanStatus)
+    resource: dict[str, Any] = Field(default_factory=dict)
+
+
+class Span(SpanIn):
+    sequence_id: int = Field(description="order of arrival within the attempt, from 1")
+
+
+# Span names and attribute keys that several parts agree on.
+class SpanNames:
+    llm_call = "kiln.llm.call"  # one gateway call (chat completion / response)
+    reward = "kiln.reward"  # emitted reward (final or intermediate)
+    message = "kiln.message"
+    object = "kiln.object"
+    exception = "kiln.exception"
+    tool = "kiln.tool"
+
+
+class SpanAttrs:
+    # rewards
+    reward_value = "kiln.reward.value"  # float
+    reward_name = "kiln.reward.name"  # "primary" unless given
+    reward_final = "kiln.reward.final"  # bool: final vs intermediate
+    reward_dims = "kiln.reward.dims"  # dict[str, float] for multi-dimensional rewards
+    # llm calls (written by the gateway)
+    agent_name = "kiln.agent.name"
+    model_version = "kiln.model.version"
+    request = "kiln.llm.request"  # the request body (messages, tools, sampling)
+    response = "kiln.llm.response"  # the OpenAI-shaped response body
+    prompt_token_ids = "kiln.llm.prompt_token_ids"
+    response_token_ids = "kiln.llm.response_token_ids"
+    response_logprobs = "kiln.llm.response_logprobs"
+    finish_reason = "kiln.llm.finish_reason"
+    parse_error = "kiln.llm.parse_error"  # str: why a tool call could not be parsed
+    latency_s = "kiln.llm.latency_s"
+    # failures
+    failure_kind = "kiln.failure.kind"
+    exception_type = "kiln.exception.type"
+    exception_message = "kiln.exception.message"
+    exception_stack = "kiln.exception.stack"
+
+
+# --------------------------------------------------------------------------- resources
+
+
+class LLMEndpoint(_Wire):
+    endpoint: Optional[str] = Field(default=None, description="OpenAI base URL; runners rewrite it per attempt")
+    model: str
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    adapter_path: Optional[str] = Field(default=None, description="LoRA adapter or full weights to serve")
+
+
+class PromptTemplate(_Wire):
+    template: str
+    engine: Literal["f-string", "jinja"] = "f-string"
+
+    def format(self, **values: Any) -> str:
+        if self.engine == "jinja":
+            import jinja2
+
+            return jinja2.Template(self.template).render(**values)
+        return self.template.format(**values)
+
+
+class ResourcesIn(_Wire):
+    llms: dict[str, LLMEndpoint] = Field(default_factory=dict)
+    prompts: dict[str, PromptTemplate] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Resources(ResourcesIn):
+    resources_id: str
+    version: int = Field(description="1, 2, ... in order of publication")
+    created_at: float = Field(default_factory=now)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class WorkerStatus(str, Enum):
+    idle = "idle"
+    busy = "busy"
+    stopped = "stopped"
+
+
+class Worker(_Wire):
+    worker_id: str
+    status: WorkerStatus = WorkerStatus.idle
+    last_heartbeat: float = Field(default_factory=now)
+    current_rollout_id: Optional[str] = None
+    current_attempt_id: Optional[str] = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- training data
+
+
+class Transition(_Wire):
+    """One LLM call of a trained agent, ready for a token-level RL update."""
+
+    rollout_id: str
+    attempt_id: str
+    agent: Optional[str] = None
+    step: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float] = Field(description="sampling-time logprob of each response token")
+    response_mask: list[int] = Field(
+        default_factory=list, description="1 = model-generated token trained on, 0 = tool/env token (merged turns)"
+    )
+    reward: float = 0.0
+    return_: float = Field(default=0.0, alias="return")
+    advantage: float = 0.0
+    done: bool = False
+    group_id: Optional[str] = None
+    model_version: Optional[str] = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _finite(cls, v: list[float]) -> list[float]:
+        return [float(x) for x in v]

@@ -1,0 +1,213 @@
+"""The one async interface every store backend (memory, SQLite, HTTP client) implements.
+
+The store is the only state the trainer and the agents share, so all lifecycle rules
+(retries, timeouts, heartbeats) live behind this interface and behave the same on
+every backend; `tests/test_store_parity.py` runs one suite against all of them.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Optional, Sequence
+
+from agentkiln.models import (
+    Attempt,
+    AttemptedRollout,
+    AttemptError,
+    AttemptStatus,
+    Resources,
+    ResourcesIn,
+    Rollout,
+    RolloutConfig,
+    RolloutMode,
+    RolloutStatus,
+    Span,
+    SpanIn,
+    Worker,
+    WorkerStatus,
+)
+
+
+class StoreError(Exception):
+    """Base for errors a caller caused; the server maps them to 4xx."""
+
+    status_code = 400
+
+
+class NotFoundError(StoreError):
+    status_code = 404
+
+
+class InvalidTransitionError(StoreError):
+    status_code = 409
+
+
+class ValidationError(StoreError):
+    status_code = 422
+
+
+class Store(abc.ABC):
+    # ------------------------------------------------------------------ rollouts
+    @abc.abstractmethod
+    async def enqueue_rollout(
+        self,
+        input: Any,
+        *,
+        mode: Optional[RolloutMode] = None,
+        resources_id: Optional[str] = None,
+        config: Optional[RolloutConfig] = None,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> Rollout:
+        """Add a rollout in status queuing (FIFO by creation)."""
+
+    async def enqueue_rollouts(self, items: Sequence[dict[str, Any]]) -> list[Rollout]:
+        """Batch form of enqueue_rollout; each item holds its keyword arguments."""
+        return [await self.enqueue_rollout(**item) for item in items]
+
+    @abc.abstractmethod
+    async def dequeue_rollout(self, worker_id: Optional[str] = None) -> Optional[AttemptedRollout]:
+        """Oldest waiting (queuing/requeuing) rollout -> running, with a new running attempt; None if empty."""
+
+    @abc.abstractmethod
+    async def start_rollout(
+        self,
+        input: Any,
+        *,
+        mode: Optional[RolloutMode] = None,
+        resources_id: Optional[str] = None,
+        config: Optional[RolloutConfig] = None,
+        metadata: Optional[dict[str, Any]] = None,
+        worker_id: Optional[str] = None,
+    ) -> AttemptedRollout:
+        """Create a rollout already running with its first attempt (dev mode, direct runs)."""
+
+    @abc.abstractmethod
+    async def get_rollout(self, rollout_id: str) -> Rollout:
+        """Raises NotFoundError."""
+
+    @abc.abstractmethod
+    async def query_rollouts(
+        self,
+        *,
+        status: Optional[Sequence[RolloutStatus]] = None,
+        mode: Optional[RolloutMode] = None,
+        rollout_ids: Optional[Sequence[str]] = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Rollout]:
+        """Ordered by creation (oldest first)."""
+
+    @abc.abstractmethod
+    async def update_rollout(
+        self,
+        rollout_id: str,
+        *,
+        status: Optional[RolloutStatus] = None,
+        mode: Optional[RolloutMode] = None,
+        resources_id: Optional[str] = None,
+        config: Optional[RolloutConfig] = None,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> Rollout:
+        """Raises NotFoundError / InvalidTransitionError (e.g. leaving a finished status)."""
+
+    async def cancel_rollout(self, rollout_id: str) -> Rollout:
+        return await self.update_rollout(rollout_id, status=RolloutStatus.cancelled)
+
+    @abc.abstractmethod
+    async def wait_for_rollouts(self, rollout_ids: Sequence[str], timeout: Optional[float] = None) -> list[Rollout]:
+        """Block until all listed rollouts are finished or timeout; returns those finished (in the given order)."""
+
+    # ------------------------------------------------------------------ attempts
+    @abc.abstractmethod
+    async def query_attempts(self, rollout_id: str) -> list[Attempt]:
+        """Ordered by sequence_id."""
+
+    @abc.abstractmethod
+    async def get_latest_attempt(self, rollout_id: str) -> Optional[Attempt]: ...
+
+    @abc.abstractmethod
+    async def update_attempt(
+        self,
+        rollout_id: str,
+        attempt_id: str,
+        *,
+        status: Optional[AttemptStatus] = None,
+        worker_id: Optional[str] = None,
+        error: Optional[AttemptError] = None,
+    ) -> Attempt:
+        """Finish or heartbeat an attempt (status=None just heartbeats).
+
+        Finishing the latest attempt moves its rollout: succeeded -> succeeded;
+        failed/timeout with a retryable error kind and attempts left -> requeuing; else failed.
+        """
+
+    async def heartbeat_attempt(self, rollout_id: str, attempt_id: str) -> Attempt:
+        return await self.update_attempt(rollout_id, attempt_id)
+
+    # ------------------------------------------------------------------ spans
+    @abc.abstractmethod
+    async def add_spans(self, spans: Sequence[SpanIn]) -> list[Span]:
+        """Store spans durably before returning; assigns per-attempt sequence ids; counts as heartbeat."""
+
+    async def add_span(self, span: SpanIn) -> Span:
+        return (await self.add_spans([span]))[0]
+
+    @abc.abstractmethod
+    async def query_spans(
+        self,
+        rollout_id: str,
+        *,
+        attempt_id: Optional[str] = None,
+        name: Optional[str] = None,
+        limit: int = 10_000,
+        offset: int = 0,
+    ) -> list[Span]:
+        """attempt_id None = all attempts; "latest" = latest attempt. Ordered by (attempt sequence, span sequence)."""
+
+    # ------------------------------------------------------------------ resources
+    @abc.abstractmethod
+    async def add_resources(self, resources: ResourcesIn) -> Resources:
+        """Publish a new version (version = previous + 1); it becomes the latest."""
+
+    @abc.abstractmethod
+    async def get_resources(self, resources_id: str) -> Resources: ...
+
+    @abc.abstractmethod
+    async def get_latest_resources(self) -> Optional[Resources]: ...
+
+    @abc.abstractmethod
+    async def query_resources(self, *, limit: int = 100, offset: int = 0) -> list[Resources]:
+        """Ordered by version."""
+
+    # ------------------------------------------------------------------ workers
+    @abc.abstractmethod
+    async def heartbeat_worker(
+        self,
+        worker_id: str,
+        *,
+        status: Optional[WorkerStatus] = None,
+        current_rollout_id: Optional[str] = None,
+        current_attempt_id: Optional[str] = None,
+        metadata: Optional[dict[str, Any]] = None,
+    ) -> Worker: ...
+
+    @abc.abstractmethod
+    async def query_workers(self) -> list[Worker]: ...
+
+    # ------------------------------------------------------------------ lifecycle
+    @abc.abstractmethod
+    async def check_timeouts(self, now: Optional[float] = None) -> list[Attempt]:
+        """Sweep running attempts: past config.timeout_s -> timeout; silent past unresponsive_s -> unresponsive.
+
+        Applies the retry policy to their rollouts; returns the attempts it changed.
+        Backends also run this on their own every ~second while serving.
+        """
+
+    async def close(self) -> None:
+        return None
+
+    async def __aenter__(self) -> "Store":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: fast unit tests first, then the slow real-model tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/python -m pytest -m "not slow" "$@"
+# exit code 5 = no test selected (e.g. a -k filter that matches no slow test): not a failure.
+rc=0; .venv/bin/python -m pytest -m slow "$@" || rc=$?
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then exit "$rc"; fi
