@@ -8,3 +8,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@app.callback()
+def _root() -> None:
+    """AgentKiln command line (a callback keeps `kiln <command>` a group even with one command)."""

@@ -6,7 +6,12 @@ import os
 from agentkiln.cli.app import app
 
 # Each module adds its commands to `app` when imported.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "agentkiln.cli.run",
+    "agentkiln.cli.dev",
+    "agentkiln.cli.demo",
+    "agentkiln.cli.serve",
+]
 
 
 def main() -> None:

@@ -1,0 +1,45 @@
+"""Client side of AgentKiln: run agents on rollouts and record what they did.
+
+Public API (re-exported as `kiln.*`): the `rollout` decorator and `Agent` class, the
+`emit_*` functions, failure types and `tool`, `Runner`, and the `CommandAgent` sidecar.
+"""
+
+from agentkiln.runner.agent import Agent, LLMHandle, import_agent, rollout
+from agentkiln.runner.emit import emit_exception, emit_message, emit_object, emit_reward, emit_span
+from agentkiln.runner.failures import (
+    LLMError,
+    LoopDetected,
+    LoopGuard,
+    ParseError,
+    ToolError,
+    ToolTimeout,
+    classify,
+    tool,
+)
+from agentkiln.runner.runner import Runner
+from agentkiln.runner.sidecar import CommandAgent
+from agentkiln.runner.worker import RolloutWorker, WorkerConfig
+
+__all__ = [
+    "Agent",
+    "CommandAgent",
+    "LLMError",
+    "LLMHandle",
+    "LoopDetected",
+    "LoopGuard",
+    "ParseError",
+    "RolloutWorker",
+    "Runner",
+    "ToolError",
+    "ToolTimeout",
+    "WorkerConfig",
+    "classify",
+    "emit_exception",
+    "emit_message",
+    "emit_object",
+    "emit_reward",
+    "emit_span",
+    "import_agent",
+    "rollout",
+    "tool",
+]

@@ -1,0 +1,73 @@
+"""What every learning algorithm (GRPO, SFT, APO) is handed, and what it must implement.
+
+An algorithm only talks to the store (enqueue tasks, read spans, publish resources);
+it never calls runners or the engine directly, so the same algorithm drives any agent.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import httpx
+
+from agentkiln.store.base import Store
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class TrainingContext:
+    store: Store
+    server_url: str
+    run_dir: Path
+    model_name: str = "smollm2-135m-instruct"
+    api_key: Optional[str] = None
+    on_event: ProgressCallback = field(default=lambda kind, data: None)
+
+    async def engine_status(self) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with httpx.AsyncClient(base_url=self.server_url, headers=headers, timeout=30) as client:
+            response = await client.get("/api/v1/engine")
+            response.raise_for_status()
+            return response.json()
+
+    async def wait_for_resources_served(self, resources_id: str, timeout: float = 300.0) -> None:
+        """Block until the server's engine serves `resources_id` (no rollout runs on stale weights)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await self.engine_status()
+            if status.get("engine") is None or status.get("loaded_resources_id") == resources_id:
+                return
+            if status.get("last_error"):
+                raise RuntimeError(f"engine could not load {resources_id}: {status['last_error']}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engine did not load resources {resources_id} within {timeout}s")
+            await asyncio.sleep(0.1)
+
+
+@dataclass
+class TrainingResult:
+    """Summary an algorithm returns from `run`; written as JSON next to its artifacts."""
+
+    val_before: Optional[float] = None
+    val_after: Optional[float] = None
+    best_val: Optional[float] = None
+    best_checkpoint: Optional[str] = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Algorithm(abc.ABC):
+    @abc.abstractmethod
+    async def run(
+        self, ctx: TrainingContext, train_data: Sequence[Any], val_data: Optional[Sequence[Any]] = None
+    ) -> TrainingResult: ...

@@ -1,0 +1,223 @@
+"""GRPO as an AgentKiln algorithm: sample groups through the real agent, learn, publish, repeat.
+
+Each step enqueues `samples_per_task` rollouts of `tasks_per_step` tasks (one GRPO group per
+task), waits for the runners, adapts the spans into transitions with per-rollout group
+advantages, runs one learner update, and publishes the new LoRA adapter as a resources
+version that the server's engine swaps in before the next step samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from agentkiln.adapter.credit import CreditConfig
+from agentkiln.adapter.transitions import build_batch
+from agentkiln.algorithms.base import Algorithm, TrainingContext, TrainingResult
+from agentkiln.algorithms.grpo import GRPOConfig
+from agentkiln.algorithms.rollout_batch import RolloutOutcome, mean_reward, run_rollouts
+from agentkiln.models import LLMEndpoint, Resources, ResourcesIn, RolloutConfig, RolloutMode
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+BEST_DIR = "best"
+HISTORY_FILE = "history.jsonl"
+
+
+@dataclass
+class GRPO(Algorithm):
+    """GRPO with LoRA (or full fine-tuning) on the model the gateway serves.
+
+    model_dir: weights the learner starts from; must be what the engine serves (None = the
+        converted SmolLM2 copy). steps / time_budget_s: stop at whichever comes first.
+    eval_every: validate every k steps (and before/after); the best adapter by validation
+        reward is kept in run_dir/best and served at the end.
+    """
+
+    model_dir: Optional[str] = None
+    steps: int = 30
+    tasks_per_step: int = 2
+    samples_per_task: int = 8
+    config: GRPOConfig = field(default_factory=GRPOConfig)
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    agent_match: Optional[str] = None
+    merge_turns: bool = False
+    temperature: float = 1.0
+    eval_every: int = 5
+    time_budget_s: Optional[float] = None
+    rollout_config: RolloutConfig = field(
+        default_factory=lambda: RolloutConfig(timeout_s=600, max_attempts=2, retry_on=["unresponsive", "timeout"])
+    )
+    resume: bool = True
+    seed: int = 0
+    prompts: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ helpers
+    def _learner(self) -> Any:
+        from agentkiln.algorithms.grpo import GRPOLearner
+        from agentkiln.engine.model_files import smollm2_dir
+
+        return GRPOLearner(self.model_dir or smollm2_dir(), self.config)
+
+    async def _publish(self, ctx: TrainingContext, adapter_path: Optional[str], note: dict[str, Any]) -> Resources:
+        resources = await ctx.store.add_resources(
+            ResourcesIn(
+                llms={
+                    "main": LLMEndpoint(
+                        model=ctx.model_name,
+                        sampling={"temperature": self.temperature},
+                        adapter_path=adapter_path,
+                    )
+                },
+                prompts=self.prompts,
+                metadata={"algorithm": "grpo", **note},
+            )
+        )
+        await ctx.wait_for_resources_served(resources.resources_id)
+        return resources
+
+    async def _validate(self, ctx: TrainingContext, val_data: Sequence[Any], resources: Resources, tag: str) -> float:
+        outcomes = await run_rollouts(
+            ctx.store,
+            val_data,
+            mode=RolloutMode.val,
+            resources_id=resources.resources_id,
+            config=self.rollout_config,
+            group_prefix=f"val-{tag}",
+        )
+        score = mean_reward(outcomes)
+        ctx.on_event("validation", {"tag": tag, "reward": score, "n": len(outcomes)})
+        return score
+
+    # ------------------------------------------------------------------ main loop
+    async def run(
+        self, ctx: TrainingContext, train_data: Sequence[Any], val_data: Optional[Sequence[Any]] = None
+    ) -> TrainingResult:
+        if not train_data:
+            raise ValueError("GRPO needs at least one training task")
+        started = time.monotonic()
+        run_dir = Path(ctx.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        learner = await asyncio.to_thread(self._learner)
+        result = TrainingResult()
+        history_path = run_dir / HISTORY_FILE
+
+        start_step = 0
+        checkpoint = run_dir / CHECKPOINT_DIR
+        if self.resume and (checkpoint / "trainer_state.pt").exists():
+            await asyncio.to_thread(learner.load_checkpoint, checkpoint)
+            start_step = learner.step // max(1, self.config.epochs)
+            log.info("resumed GRPO from %s at step %d", checkpoint, start_step)
+            if history_path.exists():
+                result.history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+        elif history_path.exists():
+            history_path.unlink()
+
+        if start_step > 0:
+            adapter = await asyncio.to_thread(learner.save, run_dir / "adapters" / f"step-{start_step}")
+            resources = await self._publish(ctx, str(adapter), {"step": start_step, "resumed": True})
+        else:
+            resources = await self._publish(ctx, None, {"step": 0})
+
+        best_val: Optional[float] = None
+        if val_data:
+            result.val_before = await self._validate(ctx, val_data, resources, "before")
+            best_val = result.val_before
+            result.best_val = best_val
+
+        rng = random.Random(self.seed + start_step)
+        order = list(range(len(train_data)))
+        rng.shuffle(order)
+        cursor = (start_step * self.tasks_per_step) % len(order)
+
+        for step in range(start_step + 1, self.steps + 1):
+            if self.time_budget_s is not None and time.monotonic() - started > self.time_budget_s:
+                log.info("time budget of %.0fs reached after %d steps", self.time_budget_s, step - 1)
+                break
+            tasks = []
+            for _ in range(self.tasks_per_step):
+                tasks.append(train_data[order[cursor]])
+                cursor = (cursor + 1) % len(order)
+            t0 = time.monotonic()
+            outcomes = await run_rollouts(
+                ctx.store,
+                tasks,
+                mode=RolloutMode.train,
+                resources_id=resources.resources_id,
+                samples_per_task=self.samples_per_task,
+                config=self.rollout_config,
+                group_prefix=f"s{step}",
+            )
+            sample_s = time.monotonic() - t0
+            metrics = await self._learn(learner, outcomes)
+            adapter = await asyncio.to_thread(learner.save, run_dir / "adapters" / f"step-{step}")
+            await asyncio.to_thread(learner.checkpoint, checkpoint)
+            resources = await self._publish(ctx, str(adapter), {"step": step})
+            # The engine has loaded this step's adapter; older ones are only disk weight now.
+            shutil.rmtree(run_dir / "adapters" / f"step-{step - 2}", ignore_errors=True)
+            record: dict[str, Any] = {
+                "step": step,
+                "train_reward": mean_reward(outcomes),
+                "sample_s": round(sample_s, 2),
+                "elapsed_s": round(time.monotonic() - started, 1),
+                **{k: metrics[k] for k in ("loss", "transitions", "trained_tokens", "tokens_per_s", "time_s") if k in metrics},
+            }
+            last = step == self.steps or (
+                self.time_budget_s is not None and time.monotonic() - started > self.time_budget_s
+            )
+            if val_data and (step % self.eval_every == 0 or last):
+                val = await self._validate(ctx, val_data, resources, f"step-{step}")
+                record["val_reward"] = val
+                if best_val is None or val > best_val:
+                    best_val = val
+                    await asyncio.to_thread(_replace_dir, Path(adapter), run_dir / BEST_DIR)
+                    result.best_checkpoint = str(run_dir / BEST_DIR)
+                    result.best_val = val
+            result.history.append(record)
+            with history_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            ctx.on_event("step", record)
+
+        # Serve the best weights found (the base model if training never beat it).
+        if val_data:
+            best_path = result.best_checkpoint
+            resources = await self._publish(ctx, best_path, {"step": "best"})
+            last_val = next((h["val_reward"] for h in reversed(result.history) if "val_reward" in h), None)
+            result.val_after = result.best_val if best_path else (last_val if last_val is not None else result.val_before)
+        result.elapsed_s = time.monotonic() - started
+        result.extra["final_resources_id"] = resources.resources_id
+        return result
+
+    async def _learn(self, learner: Any, outcomes: Sequence[RolloutOutcome]) -> dict[str, float]:
+        transitions, skipped = build_batch(
+            [(o.rollout, o.attempts, o.spans) for o in outcomes],
+            agent_match=self.agent_match,
+            credit=self.credit,
+            merge=self.merge_turns,
+        )
+        if skipped:
+            reasons: dict[str, int] = {}
+            for s in skipped:
+                key = getattr(s.reason, "value", str(s.reason))
+                reasons[key] = reasons.get(key, 0) + 1
+            log.info("adapter left out %d LLM call(s): %s", len(skipped), reasons)
+        if not transitions:
+            log.warning("no transitions this step (all rollouts failed or no LLM call was recorded)")
+            return {"transitions": 0.0}
+        return await asyncio.to_thread(learner.update, transitions)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)

@@ -1,0 +1,68 @@
+"""`kiln run`: start runner workers for an agent (Python reference or any command) against a server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from agentkiln.cli.app import app
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER = "http://127.0.0.1:4747"
+
+
+def importable_cwd() -> None:
+    """Agent references name modules of the user's project: make the working directory importable (children inherit it)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+@app.command("run")
+def run(
+    agent_ref: str | None = typer.Argument(None, help="module:function or module:Class of the agent."),
+    command: str | None = typer.Option(
+        None, "--command", "-c", help="Run this shell command per rollout instead (sidecar, any language)."
+    ),
+    server: str = typer.Option(DEFAULT_SERVER, "--server", envvar="KILN_SERVER_URL", help="kiln server URL."),
+    workers: int = typer.Option(4, "-n", "--workers", min=1, help="Parallel workers."),
+    max_rollouts: int | None = typer.Option(None, "--max-rollouts", min=0, help="Stop after this many attempts."),
+    until_empty: bool = typer.Option(False, "--until-empty", help="Stop when the queue is empty."),
+    mode: str = typer.Option("process", "--mode", help="'process' (isolated, default) or 'thread' (in-process)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="KILN_API_KEY", help="Server API key."),
+    otel: bool = typer.Option(False, "--otel", help="Export OpenTelemetry spans of the agent to the server."),
+    heartbeat_s: float = typer.Option(5.0, "--heartbeat-s", min=0.05, help="Attempt heartbeat interval."),
+) -> None:
+    """Take rollouts from the server's queue and run the agent on them until stopped (Ctrl-C: finish, twice: kill)."""
+    from agentkiln.runner.runner import Runner
+    from agentkiln.runner.sidecar import CommandAgent
+    from agentkiln.runner.worker import WorkerConfig
+
+    if (agent_ref is None) == (command is None):
+        raise typer.BadParameter("give either AGENT_REF (module:function) or --command, not both")
+    if mode not in ("process", "thread"):
+        raise typer.BadParameter("--mode must be 'process' or 'thread'")
+    importable_cwd()
+    agent = CommandAgent(command) if command is not None else agent_ref
+    if agent_ref is not None:
+        from agentkiln.runner.agent import import_agent
+
+        import_agent(agent_ref)  # fail fast here, not in every worker process
+    runner = Runner(
+        agent,
+        server,
+        n_workers=workers,
+        mode=mode,  # type: ignore[arg-type]
+        max_rollouts=max_rollouts,
+        until_empty=until_empty,
+        api_key=api_key,
+        otel=otel,
+        config=WorkerConfig(heartbeat_s=heartbeat_s),
+    )
+    log.info("running %s with %d %s worker(s) against %s", agent_ref or command, workers, mode, server)
+    done = runner.run()
+    typer.echo(f"{done} attempt(s) run")

@@ -1,0 +1,41 @@
+"""`kiln serve`: the store API (and, once wired, gateway, OTLP intake, dashboard) on one port."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import typer
+
+from agentkiln.cli.app import app
+
+log = logging.getLogger(__name__)
+
+
+@app.command()
+def serve(
+    store: str = typer.Option("./kiln.db", "--store", help="SQLite file path, or a store URL (sqlite://, memory://)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to listen on; keep loopback unless you set --api-key."
+    ),
+    port: int = typer.Option(4747, "--port", min=0, max=65535),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="KILN_API_KEY", help="Require 'Authorization: Bearer <key>' (or X-Api-Key)."
+    ),
+    engine: str = typer.Option(
+        "smollm2", "--engine", help="Inference engine for the gateway; 'none' to serve only the store."
+    ),
+    max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001, help="Largest accepted request body."),
+) -> None:
+    """Serve the store API over HTTP so runners and trainers on other processes or hosts share it."""
+    from agentkiln.server.serve import serve as run_server
+
+    log.info("serving store %s on http://%s:%d (engine: %s)", store, host, port, engine)
+    run_server(
+        store,
+        host=host,
+        port=port,
+        api_key=api_key or None,
+        engine_spec=engine,
+        max_body_bytes=int(max_body_mb * 1_000_000),
+    )

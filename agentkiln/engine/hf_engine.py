@@ -1,0 +1,515 @@
+"""Embedded transformers engine: continuous batching on one scheduler thread, exact ids + logprobs.
+
+Why a hand-written decode loop instead of `model.generate`: RL needs the logprob of each
+sampled token under the distribution it was sampled from, every sequence must stop on its
+own (EOS, stop strings, max_tokens) and stream, and requests that arrive while a batch runs
+should join it between steps rather than wait for the slowest sequence.
+
+Threading: one daemon thread owns the model and does all torch work; asyncio callers get
+futures / queues fed through `loop.call_soon_threadsafe`. Weight swaps run on that thread
+too, when the running batch has drained, so no sequence mixes two model versions.
+
+Logprobs: for temperature > 0 the recorded value is log_softmax(logits / temperature) at the
+sampled token, i.e. under the temperature-scaled distribution *before* top-p truncation
+(top-p only renormalises the kept mass; the pre-truncation value is what trainers recompute).
+For temperature == 0 (greedy) it is log_softmax(logits) at the argmax.
+
+KV cache layout: one DynamicCache for the running batch, left-padded. Joining sequences are
+prefilled separately and their cache is left-padded/concatenated in; finished rows are dropped
+and all-padding leading columns trimmed. Position ids are passed explicitly (count of real
+tokens) so padding never shifts rotary positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult, Engine, StreamDelta
+from agentkiln.engine.chat_format import RenderedPrompt, parse_tool_calls, render_prompt, stream_visible_text
+from agentkiln.engine.model_files import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests, benchmarks and the dashboard."""
+
+    prefills: int = 0  # prefill forward passes (each admits a group of sequences)
+    decode_steps: int = 0  # batched one-token forward passes
+    sequences: int = 0  # sequences finished
+    tokens: int = 0  # tokens generated
+    max_active: int = 0  # most sequences decoded together
+    weight_swaps: int = 0
+
+
+@dataclass
+class SeqOutput:
+    ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+    model_version: str
+
+
+@dataclass
+class _Seq:
+    """One sequence being generated; touched only by the scheduler thread after submission."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    generator: torch.Generator
+    on_token: Callable[[int, Optional[SeqOutput]], None]  # (token id, output when this token ends it)
+    on_error: Callable[[BaseException], None]
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = False
+    cancelled: bool = False
+
+
+class TransformersEngine(Engine):
+    """Serves a causal LM from a local folder (safetensors + tokenizer) with batching and weight swaps."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        model_name: str = "smollm2-135m-instruct",
+        dtype: str = "bfloat16",
+        max_batch_size: int = 8,
+        device: str = "cpu",
+        num_threads: Optional[int] = None,
+        gather_window_s: float = 0.005,
+    ) -> None:
+        self.model_name = model_name
+        self.model_dir = Path(model_dir)
+        self.dtype = getattr(torch, dtype)
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self.gather_window_s = gather_window_s
+        if self.device.type == "cpu":
+            # Intra-op threads are process-wide; use every core but never oversubscribe.
+            torch.set_num_threads(num_threads or max(1, os.cpu_count() or 1))
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self._base = load_model(self.model_dir, self.dtype).to(self.device)
+        self._model = self._base
+        self._version = "base"
+        self.stats = EngineStats()
+        cfg = self._model.config
+        self.max_context: int = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self._stop_ids = self._find_stop_ids()
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._cond = threading.Condition()
+        self._pending: collections.deque[_Seq] = collections.deque()
+        self._tasks: collections.deque[tuple[Callable[[], None], Callable[[Optional[BaseException]], None]]] = (
+            collections.deque()
+        )
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def model_version(self) -> str:
+        return self._version
+
+    def render(self, request: ChatRequest) -> RenderedPrompt:
+        return render_prompt(self.tokenizer, request.messages, request.tools or None)
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        loop = asyncio.get_running_loop()
+        prompt = self.render(request)
+        futures: list[asyncio.Future[SeqOutput]] = [loop.create_future() for _ in range(request.n)]
+        seqs = [
+            self._make_seq(request, prompt.ids, i, _future_callbacks(loop, fut)) for i, fut in enumerate(futures)
+        ]
+        self._submit(seqs)
+        try:
+            outputs = await asyncio.gather(*futures)
+        except BaseException:
+            for seq in seqs:
+                seq.cancelled = True
+            raise
+        return self._result(request, prompt, outputs)
+
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
+        if request.n != 1:
+            raise ValueError("streaming supports n == 1 only")
+        loop = asyncio.get_running_loop()
+        prompt = self.render(request)
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def on_token(tok: int, out: Optional[SeqOutput]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("tok", (tok, out)))
+
+        def on_error(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("err", exc))
+
+        seq = self._make_seq(request, prompt.ids, 0, (on_token, on_error))
+        self._submit([seq])
+        ids: list[int] = []
+        emitted = ""
+        tools = bool(request.tools)
+        try:
+            while True:
+                kind, payload = await queue.get()
+                if kind == "err":
+                    raise payload
+                tok, out = payload
+                ids.append(tok)
+                if out is None:
+                    raw = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    visible = stream_visible_text(raw, request.stop, tools)
+                    delta = visible[len(emitted) :] if visible.startswith(emitted) else ""
+                    emitted += delta
+                    yield StreamDelta(index=0, text=delta, token_ids=[tok])
+                    continue
+                final = self._result(request, prompt, [out])
+                text = final.choices[0].text
+                delta = text[len(emitted) :] if text.startswith(emitted) else ""
+                yield StreamDelta(index=0, text=delta, token_ids=[tok], final=final)
+                return
+        finally:
+            seq.cancelled = True  # no-op when finished; stops generation if the consumer went away
+
+    async def load_weights(self, path: str, version: str) -> None:
+        """Apply a peft LoRA adapter (merged into a copy of the base) or load a full checkpoint."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(exc: Optional[BaseException]) -> None:
+            loop.call_soon_threadsafe(_settle, fut, None, exc)
+
+        with self._cond:
+            self._tasks.append((lambda: self._swap_weights(Path(path), version), done))
+            self._cond.notify_all()
+        await fut
+
+    async def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        await asyncio.to_thread(self._thread.join)
+
+    # ---- request plumbing ---------------------------------------------------------------------
+
+    def _make_seq(
+        self,
+        request: ChatRequest,
+        prompt_ids: list[int],
+        index: int,
+        callbacks: tuple[Callable[[int, Optional[SeqOutput]], None], Callable[[BaseException], None]],
+    ) -> _Seq:
+        if len(prompt_ids) >= self.max_context:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}")
+        gen = torch.Generator(device="cpu")
+        if request.seed is not None:
+            gen.manual_seed(request.seed * 1000 + index)  # n samples of one seeded request differ
+        else:
+            gen.seed()
+        return _Seq(
+            prompt_ids=list(prompt_ids),
+            max_tokens=min(request.max_tokens, self.max_context - len(prompt_ids)),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=[s for s in request.stop if s],
+            generator=gen,
+            on_token=callbacks[0],
+            on_error=callbacks[1],
+        )
+
+    def _submit(self, seqs: list[_Seq]) -> None:
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("engine is closed")
+            self._pending.extend(seqs)
+            self._cond.notify_all()
+
+    def _result(self, request: ChatRequest, prompt: RenderedPrompt, outputs: list[SeqOutput]) -> ChatResult:
+        choices = []
+        for i, out in enumerate(outputs):
+            raw = self.tokenizer.decode(out.ids, skip_special_tokens=True)
+            text = _cut_at_stop(raw, request.stop)
+            parsed = parse_tool_calls(text, request.tools)
+            finish = "tool_calls" if parsed.tool_calls else out.finish_reason
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    text=parsed.text,
+                    raw_text=raw,
+                    tool_calls=parsed.tool_calls,
+                    finish_reason=finish,
+                    response_ids=out.ids,
+                    logprobs=out.logprobs,
+                    parse_error=parsed.parse_error,
+                )
+            )
+        version = outputs[0].model_version if outputs else self._version
+        return ChatResult(
+            prompt_ids=prompt.ids, prompt_text=prompt.text, choices=choices, model=self.model_name, model_version=version
+        )
+
+    def _find_stop_ids(self) -> set[int]:
+        ids = set()
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        eos = self._model.generation_config.eos_token_id if self._model.generation_config else None
+        for tid in eos if isinstance(eos, list) else [eos, self.tokenizer.eos_token_id]:
+            if tid is not None:
+                ids.add(int(tid))
+        return ids
+
+    # ---- scheduler thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._pending or self._tasks or self._closing):
+                        self._cond.wait()
+                    if self._closing:
+                        self._fail_pending(RuntimeError("engine closed"))
+                        return
+                    task = self._tasks.popleft() if self._tasks else None
+                if task is not None:
+                    fn, done = task
+                    try:
+                        fn()
+                        done(None)
+                    except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                        log.exception("weight swap failed")
+                        done(exc)
+                    continue
+                time.sleep(self.gather_window_s)  # let concurrent callers land in the same prefill
+                self._serve()
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        while self._pending:
+            self._pending.popleft().on_error(exc)
+        while self._tasks:
+            self._tasks.popleft()[1](exc)
+
+    def _take_pending(self, room: int) -> list[_Seq]:
+        with self._cond:
+            if self._tasks or self._closing:  # drain the batch first, then swap / stop
+                return []
+            taken = []
+            while self._pending and len(taken) < room:
+                seq = self._pending.popleft()
+                if not seq.cancelled:
+                    taken.append(seq)
+            return taken
+
+    def _serve(self) -> None:
+        """Run one continuous batch until no sequence is active and none can join."""
+        active: list[_Seq] = []
+        cache: Optional[DynamicCache] = None
+        mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        joining: list[_Seq] = []
+        version = self._version
+        try:
+            while True:
+                joining = self._take_pending(self.max_batch_size - len(active))
+                if joining:
+                    new_cache, new_mask, last_logits = self._prefill(joining)
+                    self._sample_and_record(joining, last_logits, version)
+                    if cache is None:
+                        cache, mask = new_cache, new_mask
+                    else:
+                        cache, mask = _concat_caches(cache, mask, new_cache, new_mask)
+                    active += joining
+                keep = [i for i, s in enumerate(active) if not (s.finished or s.cancelled)]
+                if len(keep) < len(active):
+                    active = [active[i] for i in keep]
+                    if not active:
+                        cache, mask = None, mask[:0]
+                    else:
+                        cache, mask = _select_rows(cache, mask, keep)
+                if not active:
+                    if not self._has_pending():
+                        return
+                    continue
+                self.stats.max_active = max(self.stats.max_active, len(active))
+                logits = self._decode_step(active, cache, mask)
+                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
+                self._sample_and_record(active, logits, version)
+        except BaseException as exc:  # noqa: BLE001 - a failed batch must not kill the engine
+            log.exception("generation batch failed")
+            for seq in active + [s for s in joining if s not in active]:
+                if not seq.finished:
+                    seq.finished = True
+                    seq.on_error(exc)
+
+    def _has_pending(self) -> bool:
+        with self._cond:
+            return bool(self._pending) and not self._tasks and not self._closing
+
+    def _prefill(self, seqs: list[_Seq]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        longest = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), longest), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, longest - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+            mask[row, longest - len(seq.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
+        )
+        self.stats.prefills += 1
+        return cache, mask, out.logits[:, -1, :]
+
+    def _decode_step(self, seqs: list[_Seq], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+        last = torch.tensor([[s.ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
+        positions = mask.sum(-1, keepdim=True)
+        full_mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=self.device)], dim=1)
+        out = self._model(input_ids=last, attention_mask=full_mask, position_ids=positions, cache=cache)
+        self.stats.decode_steps += 1
+        return out.logits[:, -1, :]
+
+    def _sample_and_record(self, seqs: list[_Seq], logits: torch.Tensor, version: str) -> None:
+        logits = logits.float()
+        for row, seq in enumerate(seqs):
+            tok, logprob = _sample(logits[row], seq.temperature, seq.top_p, seq.generator)
+            seq.ids.append(tok)
+            seq.logprobs.append(logprob)
+            self.stats.tokens += 1
+            finish = None
+            if tok in self._stop_ids:
+                finish = "stop"
+            elif seq.stop and _has_stop(self.tokenizer.decode(seq.ids, skip_special_tokens=True), seq.stop):
+                finish = "stop"
+            elif len(seq.ids) >= seq.max_tokens:
+                finish = "length"
+            out = None
+            if finish is not None:
+                seq.finished = True
+                self.stats.sequences += 1
+                out = SeqOutput(ids=list(seq.ids), logprobs=list(seq.logprobs), finish_reason=finish,
+                                model_version=version)
+            if not seq.cancelled:
+                seq.on_token(tok, out)
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def _swap_weights(self, path: Path, version: str) -> None:
+        if (path / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            log.info("merging LoRA adapter %s into a copy of the base model (version %s)", path, version)
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(self._base), str(path))
+            model = peft_model.merge_and_unload()
+        else:
+            log.info("loading full weights from %s (version %s); they become the new base", path, version)
+            model = load_model(path, self.dtype).to(self.device)
+            self._base = model
+        model.eval()
+        self._model = model
+        self._version = version
+        self.stats.weight_swaps += 1
+
+
+# ---- helpers (pure functions) -----------------------------------------------------------------
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> tuple[int, float]:
+    """Sample one token from a float32 [vocab] row; return it and its logprob (see module doc)."""
+    if temperature <= 0.0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = int(torch.argmax(logits))
+        return tok, float(logp[tok])
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_p, dim=-1)
+        drop = cumulative - sorted_p >= top_p  # keep the smallest prefix reaching top_p (always >= 1 token)
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_p.cpu(), 1, generator=gen)
+        tok = int(order[int(choice)])
+    else:
+        tok = int(torch.multinomial(probs.cpu(), 1, generator=gen))
+    return tok, float(logp[tok])
+
+
+def _has_stop(text: str, stop: list[str]) -> bool:
+    return any(s in text for s in stop)
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    layers = list(cache.layers)
+    if any(type(layer) is not DynamicLayer for layer in layers):
+        raise TypeError("continuous batching needs plain DynamicLayer caches")
+    return layers
+
+
+def _concat_caches(
+    a: DynamicCache, mask_a: torch.Tensor, b: DynamicCache, mask_b: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Left-pad the shorter of two batch caches to a common length and stack them along the batch."""
+    length = max(mask_a.shape[1], mask_b.shape[1])
+    pad_a, pad_b = length - mask_a.shape[1], length - mask_b.shape[1]
+    for la, lb in zip(_layers(a), _layers(b)):
+        la.keys = torch.cat([F.pad(la.keys, (0, 0, pad_a, 0)), F.pad(lb.keys, (0, 0, pad_b, 0))], dim=0)
+        la.values = torch.cat([F.pad(la.values, (0, 0, pad_a, 0)), F.pad(lb.values, (0, 0, pad_b, 0))], dim=0)
+    return a, torch.cat([F.pad(mask_a, (pad_a, 0)), F.pad(mask_b, (pad_b, 0))], dim=0)
+
+
+def _select_rows(cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    """Keep only `rows` of the batch, then trim leading columns that are padding for every row."""
+    index = torch.tensor(rows, dtype=torch.long, device=mask.device)
+    mask = mask.index_select(0, index)
+    real = mask.any(dim=0).nonzero()
+    start = int(real[0]) if real.numel() else mask.shape[1]
+    mask = mask[:, start:]
+    for layer in _layers(cache):
+        layer.keys = layer.keys.index_select(0, index)[:, :, start:, :]
+        layer.values = layer.values.index_select(0, index)[:, :, start:, :]
+    return cache, mask
+
+
+def _settle(fut: asyncio.Future, value: Any, exc: Optional[BaseException]) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
+def _future_callbacks(
+    loop: asyncio.AbstractEventLoop, fut: asyncio.Future
+) -> tuple[Callable[[int, Optional[SeqOutput]], None], Callable[[BaseException], None]]:
+    def on_token(_tok: int, out: Optional[SeqOutput]) -> None:
+        if out is not None:
+            loop.call_soon_threadsafe(_settle, fut, out, None)
+
+    def on_error(exc: BaseException) -> None:
+        loop.call_soon_threadsafe(_settle, fut, None, exc)
+
+    return on_token, on_error

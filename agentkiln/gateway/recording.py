@@ -1,0 +1,132 @@
+"""Turn one gateway call into store spans (what RL training later reads).
+
+n > 1: we write ONE SPAN PER CHOICE. Each span holds the shared prompt token ids and the
+request, plus that choice's response ids, logprobs, finish reason and an OpenAI-shaped
+response restricted to that choice. Every span is then a complete (prompt, response)
+sample, so the adapter needs no special case for n > 1; `kiln.llm.choice_index` and
+`kiln.llm.call_id` say which choice of which call a span came from.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+from agentkiln.engine.base import ChatRequest, ChatResult
+from agentkiln.models import FailureKind, SpanAttrs, SpanIn, SpanNames, SpanStatus
+
+# Attribute keys only the gateway writes (the shared ones live in SpanAttrs).
+CHOICE_INDEX = "kiln.llm.choice_index"
+CALL_ID = "kiln.llm.call_id"  # the chat completion / response id, shared by the spans of one call
+API = "kiln.llm.api"  # "chat.completions" or "responses"
+STREAMED = "kiln.llm.stream"
+
+AGENT_HEADER = "x-kiln-agent"
+ROLLOUT_HEADER = "x-kiln-rollout-id"
+ATTEMPT_HEADER = "x-kiln-attempt-id"
+
+
+def resolve_agent_name(
+    headers: Mapping[str, str], metadata: Optional[Mapping[str, Any]], user: Optional[str], messages: list[dict]
+) -> Optional[str]:
+    """Which agent made the call: header, then metadata.agent / user, then the last system message's name.
+
+    Multi-agent setups share one base URL, so the name is what lets the adapter train only some agents.
+    """
+    header = headers.get(AGENT_HEADER)
+    if header:
+        return header
+    if metadata and isinstance(metadata.get("agent"), str) and metadata["agent"]:
+        return metadata["agent"]
+    if user:
+        return user
+    for msg in reversed(messages):
+        if msg.get("role") in ("system", "developer") and msg.get("name"):
+            return str(msg["name"])
+    return None
+
+
+@dataclass
+class CallContext:
+    """What we know about a call before the engine answers."""
+
+    rollout_id: str
+    attempt_id: str
+    api: str
+    call_id: str
+    agent_name: Optional[str]
+    engine_request: ChatRequest
+    start_time: float
+    stream: bool = False
+
+
+def _base_attrs(ctx: CallContext) -> dict[str, Any]:
+    return {
+        SpanAttrs.request: ctx.engine_request.model_dump(mode="json"),
+        SpanAttrs.agent_name: ctx.agent_name,
+        CALL_ID: ctx.call_id,
+        API: ctx.api,
+        STREAMED: ctx.stream,
+    }
+
+
+def spans_for_result(
+    ctx: CallContext,
+    result: ChatResult,
+    end_time: float,
+    response_for_choice: Callable[[int], dict[str, Any]],
+) -> list[SpanIn]:
+    """One llm_call span per choice; `response_for_choice(i)` gives the OpenAI body limited to choice i."""
+    spans = []
+    for i, choice in enumerate(result.choices):
+        attrs = _base_attrs(ctx)
+        attrs.update(
+            {
+                SpanAttrs.response: response_for_choice(i),
+                SpanAttrs.prompt_token_ids: list(result.prompt_ids),
+                SpanAttrs.response_token_ids: list(choice.response_ids),
+                SpanAttrs.response_logprobs: list(choice.logprobs),
+                SpanAttrs.model_version: result.model_version,
+                SpanAttrs.latency_s: end_time - ctx.start_time,
+                SpanAttrs.finish_reason: choice.finish_reason,
+                SpanAttrs.parse_error: choice.parse_error,
+                CHOICE_INDEX: choice.index,
+            }
+        )
+        spans.append(
+            SpanIn(
+                rollout_id=ctx.rollout_id,
+                attempt_id=ctx.attempt_id,
+                name=SpanNames.llm_call,
+                start_time=ctx.start_time,
+                end_time=end_time,
+                attributes=attrs,
+                status=SpanStatus(code="OK"),
+            )
+        )
+    return spans
+
+
+def span_for_error(ctx: CallContext, exc: BaseException, end_time: float, model_version: Optional[str]) -> SpanIn:
+    """The engine failed: keep a trace of it so the attempt can be attributed to an LLM error."""
+    attrs = _base_attrs(ctx)
+    attrs.update(
+        {
+            SpanAttrs.model_version: model_version,
+            SpanAttrs.latency_s: end_time - ctx.start_time,
+            SpanAttrs.failure_kind: FailureKind.llm_error.value,
+            SpanAttrs.exception_type: type(exc).__name__,
+            SpanAttrs.exception_message: str(exc),
+            SpanAttrs.exception_stack: "".join(traceback.format_exception(exc))[-8000:],
+        }
+    )
+    return SpanIn(
+        rollout_id=ctx.rollout_id,
+        attempt_id=ctx.attempt_id,
+        name=SpanNames.llm_call,
+        start_time=ctx.start_time,
+        end_time=end_time,
+        attributes=attrs,
+        status=SpanStatus(code="ERROR", description=f"{type(exc).__name__}: {exc}"[:1000]),
+    )

@@ -1,0 +1,81 @@
+"""The one FastAPI app `kiln serve` runs: store API now; gateway, OTLP intake and dashboard join it.
+
+The app never owns the store it is given (whoever opened it closes it), so tests and
+in-process users can serve an existing store and keep using it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator, Iterable
+
+from fastapi import FastAPI
+
+from agentkiln.server.errors import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    UnexpectedErrorMiddleware,
+    install_error_handlers,
+)
+from agentkiln.server.idempotency import IdempotencyMiddleware, RecentSpans
+from agentkiln.server.store_routes import router as store_router
+from agentkiln.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+async def sweep_timeouts(store: Store, interval_s: float) -> None:
+    """Runs the store's timeout/heartbeat sweep forever; a failing sweep is logged, never fatal."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            changed = await store.check_timeouts()
+            if changed:
+                log.info("timeout sweep changed %d attempt(s)", len(changed))
+        except Exception:
+            log.exception("timeout sweep failed")
+
+
+def create_app(
+    store: Store,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = 16_000_000,
+    sweep_interval_s: float = 1.0,
+    public_paths: Iterable[str] = ("/health",),
+) -> FastAPI:
+    """Build the server around `store`. sweep_interval_s <= 0 turns the background sweep off."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = None
+        if sweep_interval_s > 0:
+            sweeper = asyncio.create_task(sweep_timeouts(store, sweep_interval_s), name="kiln-timeout-sweep")
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+
+    app = FastAPI(title="AgentKiln", version="0.1.0", lifespan=lifespan)
+    app.state.store = store
+    app.state.recent_spans = RecentSpans()  # routes that write spans (store API, OTLP intake) share it
+    app.state.engine = None  # set by `kiln serve --engine ...`; the gateway reads it per request
+    install_error_handlers(app)
+    app.include_router(store_router)
+
+    # ---- other routers are included here by the lead: gateway, OTLP /v1/traces intake, dashboard.
+    # e.g. app.include_router(gateway_router); app.include_router(otlp_router); app.include_router(dashboard_router)
+    # ---- end of router section
+
+    # Added innermost first: a request passes error catcher -> API key -> body limit -> idempotency -> routes.
+    app.add_middleware(IdempotencyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, public_paths=public_paths)
+    app.add_middleware(UnexpectedErrorMiddleware)
+    return app

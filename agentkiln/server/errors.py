@@ -1,0 +1,233 @@
+"""Error shape and guards of the server: every failure a client can cause is a 4xx JSON body.
+
+All errors look like {"error": {"type": ..., "message": ...}} so the HTTP client can map
+them back to the StoreError it came from, and so a human reading curl output sees which
+field was wrong. The guards (API key, body size) are plain ASGI middleware so they run
+before any route (gateway, OTLP intake, dashboard) parses a byte.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any, Iterable, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agentkiln.store.base import StoreError
+
+log = logging.getLogger(__name__)
+
+_STATUS_TYPES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    413: "PayloadTooLarge",
+    422: "ValidationError",
+}
+
+
+def error_body(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message}}
+
+
+def error_response(status_code: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(type_, message), status_code=status_code, headers=headers)
+
+
+def _loc(loc: Iterable[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        where, rest = parts[0], parts[1:]
+        return f"{where} field '{'.'.join(rest)}'" if rest else where
+    return ".".join(parts) or "request"
+
+
+def format_validation_errors(errors: Iterable[dict[str, Any]]) -> tuple[str, bool]:
+    """One readable line per problem; also says whether the body was not JSON at all."""
+    lines: list[str] = []
+    malformed = False
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            malformed = True
+            pos = list(err.get("loc", ()))[-1:]
+            detail = (err.get("ctx") or {}).get("error", "invalid JSON")
+            lines.append(f"malformed JSON body at position {pos[0] if pos else '?'}: {detail}")
+            continue
+        line = f"{_loc(err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+        if tuple(err.get("loc", ())) == ("body",):
+            line += " (send a JSON body with Content-Type: application/json)"
+        lines.append(line)
+    return "; ".join(lines) or "invalid request", malformed
+
+
+async def _store_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StoreError)
+    return error_response(exc.status_code, type(exc).__name__, str(exc) or type(exc).__name__)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, malformed = format_validation_errors(exc.errors())
+    if malformed:
+        return error_response(400, "MalformedJSON", message)
+    return error_response(422, "ValidationError", message)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}"
+    headers = getattr(exc, "headers", None)
+    return error_response(exc.status_code, _STATUS_TYPES.get(exc.status_code, "HTTPError"), message, headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StoreError, _store_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+# --------------------------------------------------------------------------- ASGI guards
+
+
+async def _send_error(
+    send: Send, status: int, type_: str, message: str, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    body = json.dumps(error_body(type_, message)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from receive() so FastAPI re-raises it (it passes HTTPExceptions through untouched)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """413 on a declared Content-Length over the limit, and on streamed (chunked) bodies that grow past it."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_error(send, 400, "BadRequest", "invalid Content-Length header")
+                    return
+                if declared > limit:
+                    await _send_error(send, 413, "PayloadTooLarge", f"request body larger than {limit} bytes")
+                    return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            # A route that read the body outside FastAPI's handler chain (raw ASGI) lands here.
+            if not started:
+                await _send_error(send, 413, "PayloadTooLarge", f"request body larger than {limit} bytes")
+
+
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` or `X-Api-Key: <key>` on every path but the public ones."""
+
+    def __init__(self, app: ASGIApp, api_key: str, public_paths: Iterable[str] = ("/health",)) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+        self.public_paths = frozenset(public_paths)
+
+    def _presented(self, scope: Scope) -> bytes | None:
+        for name, value in scope.get("headers", ()):
+            if name == b"x-api-key":
+                return value.strip()
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return token.strip()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in self.public_paths:
+            await self.app(scope, receive, send)
+            return
+        presented = self._presented(scope)
+        if presented is not None and hmac.compare_digest(presented, self.api_key):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        message = "missing API key" if presented is None else "invalid API key"
+        await _send_error(
+            send,
+            401,
+            "Unauthorized",
+            f"{message}: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'",
+            [(b"www-authenticate", b"Bearer")],
+        )
+
+
+class UnexpectedErrorMiddleware:
+    """Turns a bug in any route into a logged 500 JSON answer; the server keeps serving.
+
+    Done here rather than with an `Exception` handler because Starlette re-raises those
+    after answering, which logs every failure twice.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            await _send_error(send, 500, "InternalError", f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,155 @@
+"""Running the app: `serve()` for `kiln serve`, `ServerThread` for tests and in-process use.
+
+`serve()` owns what it opens (store, engine): it starts the engine and closes both in the
+app's lifespan, so a Ctrl-C or SIGTERM still closes the SQLite file cleanly. `ServerThread`
+serves an app someone else owns on a loopback port in a daemon thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+import threading
+import time
+from typing import Any, AsyncIterator, Optional
+
+import uvicorn
+from fastapi import FastAPI
+
+from agentkiln.server.app import create_app
+from agentkiln.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+async def open_store_async(store_url: str) -> Store:
+    """`agentkiln.store.open_store` may be sync or async; accept both."""
+    from agentkiln.store import open_store
+
+    return await _maybe_await(open_store(store_url))
+
+
+async def build_engine_async(spec: str) -> Any:
+    """None for spec "none"; otherwise the engine factory is imported only now (it pulls in torch)."""
+    if not spec or spec.lower() == "none":
+        return None
+    from agentkiln.engine.factory import build_engine
+
+    return await _maybe_await(build_engine(spec))
+
+
+def own_resources(app: FastAPI, store: Store, engine: Any = None) -> None:
+    """Make the app's lifespan start `engine` and close `engine` and `store` when the server stops."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
+        if engine is not None:
+            await engine.start()
+        try:
+            async with inner(a) as state:
+                yield state
+        finally:
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    await engine.close()
+            await store.close()
+            log.info("store closed")
+
+    app.router.lifespan_context = lifespan
+
+
+async def serve_async(
+    store_url: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 4747,
+    api_key: Optional[str] = None,
+    engine_spec: str = "none",
+    max_body_bytes: int = 16_000_000,
+    sweep_interval_s: float = 1.0,
+    log_level: str = "info",
+) -> None:
+    store = await open_store_async(store_url)
+    try:
+        engine = await build_engine_async(engine_spec)
+    except BaseException:
+        await store.close()
+        raise
+    app = create_app(store, api_key=api_key, max_body_bytes=max_body_bytes, sweep_interval_s=sweep_interval_s)
+    app.state.engine = engine
+    own_resources(app, store, engine)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can read and write the store", host)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    await uvicorn.Server(config).serve()
+
+
+def serve(
+    store_url: str, host: str = "127.0.0.1", port: int = 4747, api_key: Optional[str] = None, **kwargs: Any
+) -> None:
+    """Blocking: serve the store at `store_url` (path, sqlite:// or memory:// as open_store accepts) until signalled."""
+    asyncio.run(serve_async(store_url, host=host, port=port, api_key=api_key, **kwargs))
+
+
+class ServerThread:
+    """Serves `app` from a daemon thread: `url = ServerThread(app).start()`, later `.stop()`.
+
+    port=0 picks a free port; the socket is bound before the thread starts, so the returned
+    URL is valid the moment start() returns (no port race with other tests).
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.log_level = log_level
+        self._server: Optional[uvicorn.Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self._sock: Optional[socket.socket] = None
+        self.url: Optional[str] = None
+
+    def start(self, timeout: float = 30.0) -> str:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(128)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on", timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        give_up = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > give_up:
+                self.stop()
+                raise RuntimeError(f"server on {self.host}:{self.port} did not start")
+            time.sleep(0.01)
+        host = f"[{self.host}]" if family == socket.AF_INET6 else self.host
+        self.url = f"http://{host}:{self.port}"
+        return self.url
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._sock is not None:
+            self._sock.close()
+        self._server = self._thread = self._sock = None
+
+    def __enter__(self) -> "ServerThread":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

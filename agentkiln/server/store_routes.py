@@ -1,0 +1,272 @@
+"""JSON REST API over the Store interface, under /api/v1.
+
+One route per Store method, so `HttpStore` is a thin mirror and any language can drive
+the queue. Bodies are strict pydantic models (unknown fields are rejected, not ignored:
+a typo in a field name must not silently become "no change").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi import APIRouter, Body, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentkiln.models import (
+    Attempt,
+    AttemptedRollout,
+    AttemptError,
+    AttemptStatus,
+    Resources,
+    ResourcesIn,
+    Rollout,
+    RolloutConfig,
+    RolloutMode,
+    RolloutStatus,
+    Span,
+    SpanIn,
+    Worker,
+    WorkerStatus,
+)
+from agentkiln.store.base import Store, ValidationError
+
+API_PREFIX = "/api/v1"
+# A long poll holds a connection and a server task; clients loop for longer waits.
+MAX_WAIT_S = 30.0
+MAX_BATCH = 10_000
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnqueueBody(_Body):
+    input: Any = None
+    mode: Optional[RolloutMode] = None
+    resources_id: Optional[str] = None
+    config: Optional[RolloutConfig] = None
+    metadata: Optional[dict[str, Any]] = None
+
+
+class EnqueueBatchBody(_Body):
+    items: list[EnqueueBody] = Field(max_length=MAX_BATCH)
+
+
+class DequeueBody(_Body):
+    worker_id: Optional[str] = None
+
+
+class StartBody(EnqueueBody):
+    worker_id: Optional[str] = None
+
+
+class UpdateRolloutBody(_Body):
+    status: Optional[RolloutStatus] = None
+    mode: Optional[RolloutMode] = None
+    resources_id: Optional[str] = None
+    config: Optional[RolloutConfig] = None
+    metadata: Optional[dict[str, Any]] = None
+
+
+class WaitBody(_Body):
+    rollout_ids: list[str] = Field(max_length=MAX_BATCH)
+    timeout: Optional[float] = Field(default=None, ge=0, description=f"capped at {MAX_WAIT_S:g}s per request")
+
+
+class UpdateAttemptBody(_Body):
+    status: Optional[AttemptStatus] = None
+    worker_id: Optional[str] = None
+    error: Optional[AttemptError] = None
+
+
+class WorkerHeartbeatBody(_Body):
+    status: Optional[WorkerStatus] = None
+    current_rollout_id: Optional[str] = None
+    current_attempt_id: Optional[str] = None
+    metadata: Optional[dict[str, Any]] = None
+
+
+class CheckTimeoutsBody(_Body):
+    now: Optional[float] = None
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def _set_fields(body: BaseModel) -> dict[str, Any]:
+    """Keyword arguments for the store: only what the client sent, as model objects (not dicts)."""
+    return {name: getattr(body, name) for name in body.model_fields_set}
+
+
+def _statuses(raw: Optional[list[str]]) -> Optional[list[RolloutStatus]]:
+    """Accepts ?status=a&status=b and ?status=a,b."""
+    if not raw:
+        return None
+    names = [part.strip() for item in raw for part in item.split(",") if part.strip()]
+    try:
+        return [RolloutStatus(name) for name in names]
+    except ValueError:
+        allowed = ", ".join(s.value for s in RolloutStatus)
+        raise ValidationError(f"query field 'status': unknown status in {names}; allowed: {allowed}") from None
+
+
+router = APIRouter()
+api = APIRouter(prefix=API_PREFIX)
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    return Health()
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+@api.post("/rollouts", response_model=Rollout)
+async def enqueue_rollout(request: Request, body: EnqueueBody) -> Rollout:
+    return await _store(request).enqueue_rollout(**_set_fields(body))
+
+
+@api.post("/rollouts/batch", response_model=list[Rollout])
+async def enqueue_rollouts(request: Request, body: EnqueueBatchBody) -> list[Rollout]:
+    return await _store(request).enqueue_rollouts([_set_fields(item) for item in body.items])
+
+
+@api.post("/rollouts/start", response_model=AttemptedRollout)
+async def start_rollout(request: Request, body: StartBody) -> AttemptedRollout:
+    return await _store(request).start_rollout(**_set_fields(body))
+
+
+@api.post("/rollouts/wait", response_model=list[Rollout])
+async def wait_for_rollouts(request: Request, body: WaitBody) -> list[Rollout]:
+    timeout = MAX_WAIT_S if body.timeout is None else min(body.timeout, MAX_WAIT_S)
+    return await _store(request).wait_for_rollouts(body.rollout_ids, timeout=timeout)
+
+
+@api.post("/dequeue", response_model=Optional[AttemptedRollout])
+async def dequeue_rollout(request: Request, body: DequeueBody = Body(default_factory=DequeueBody)) -> Any:
+    return await _store(request).dequeue_rollout(worker_id=body.worker_id)
+
+
+@api.get("/rollouts", response_model=list[Rollout])
+async def query_rollouts(
+    request: Request,
+    status: Optional[list[str]] = Query(default=None),
+    mode: Optional[RolloutMode] = None,
+    rollout_id: Optional[list[str]] = Query(default=None),
+    limit: int = Query(default=100, ge=0, le=MAX_BATCH),
+    offset: int = Query(default=0, ge=0),
+) -> list[Rollout]:
+    return await _store(request).query_rollouts(
+        status=_statuses(status), mode=mode, rollout_ids=rollout_id, limit=limit, offset=offset
+    )
+
+
+@api.get("/rollouts/{rollout_id}", response_model=Rollout)
+async def get_rollout(request: Request, rollout_id: str) -> Rollout:
+    return await _store(request).get_rollout(rollout_id)
+
+
+@api.patch("/rollouts/{rollout_id}", response_model=Rollout)
+async def update_rollout(request: Request, rollout_id: str, body: UpdateRolloutBody) -> Rollout:
+    return await _store(request).update_rollout(rollout_id, **_set_fields(body))
+
+
+@api.post("/rollouts/{rollout_id}/cancel", response_model=Rollout)
+async def cancel_rollout(request: Request, rollout_id: str) -> Rollout:
+    return await _store(request).cancel_rollout(rollout_id)
+
+
+# ----------------------------------------------------------------------------- attempts
+
+
+@api.get("/rollouts/{rollout_id}/attempts", response_model=list[Attempt])
+async def query_attempts(request: Request, rollout_id: str) -> list[Attempt]:
+    return await _store(request).query_attempts(rollout_id)
+
+
+@api.get("/rollouts/{rollout_id}/attempts/latest", response_model=Optional[Attempt])
+async def get_latest_attempt(request: Request, rollout_id: str) -> Any:
+    return await _store(request).get_latest_attempt(rollout_id)
+
+
+@api.patch("/rollouts/{rollout_id}/attempts/{attempt_id}", response_model=Attempt)
+async def update_attempt(request: Request, rollout_id: str, attempt_id: str, body: UpdateAttemptBody) -> Attempt:
+    return await _store(request).update_attempt(rollout_id, attempt_id, **_set_fields(body))
+
+
+# ----------------------------------------------------------------------------- spans
+
+
+@api.post("/spans", response_model=list[Span])
+async def add_spans(request: Request, spans: list[SpanIn] = Body(max_length=MAX_BATCH)) -> list[Span]:
+    return await request.app.state.recent_spans.add(_store(request), spans)
+
+
+@api.get("/rollouts/{rollout_id}/spans", response_model=list[Span])
+async def query_spans(
+    request: Request,
+    rollout_id: str,
+    attempt_id: Optional[str] = None,
+    name: Optional[str] = None,
+    limit: int = Query(default=10_000, ge=0, le=100_000),
+    offset: int = Query(default=0, ge=0),
+) -> list[Span]:
+    return await _store(request).query_spans(rollout_id, attempt_id=attempt_id, name=name, limit=limit, offset=offset)
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+@api.post("/resources", response_model=Resources)
+async def add_resources(request: Request, body: ResourcesIn) -> Resources:
+    return await _store(request).add_resources(body)
+
+
+@api.get("/resources", response_model=list[Resources])
+async def query_resources(
+    request: Request,
+    limit: int = Query(default=100, ge=0, le=MAX_BATCH),
+    offset: int = Query(default=0, ge=0),
+) -> list[Resources]:
+    return await _store(request).query_resources(limit=limit, offset=offset)
+
+
+@api.get("/resources/latest", response_model=Optional[Resources])
+async def get_latest_resources(request: Request) -> Any:
+    return await _store(request).get_latest_resources()
+
+
+@api.get("/resources/{resources_id}", response_model=Resources)
+async def get_resources(request: Request, resources_id: str) -> Resources:
+    return await _store(request).get_resources(resources_id)
+
+
+# ----------------------------------------------------------------------------- workers & lifecycle
+
+
+@api.post("/workers/{worker_id}/heartbeat", response_model=Worker)
+async def heartbeat_worker(
+    request: Request, worker_id: str, body: WorkerHeartbeatBody = Body(default_factory=WorkerHeartbeatBody)
+) -> Worker:
+    return await _store(request).heartbeat_worker(worker_id, **_set_fields(body))
+
+
+@api.get("/workers", response_model=list[Worker])
+async def query_workers(request: Request) -> list[Worker]:
+    return await _store(request).query_workers()
+
+
+@api.post("/check-timeouts", response_model=list[Attempt])
+async def check_timeouts(
+    request: Request, body: CheckTimeoutsBody = Body(default_factory=CheckTimeoutsBody)
+) -> list[Attempt]:
+    return await _store(request).check_timeouts(now=body.now)
+
+
+router.include_router(api)

@@ -1,0 +1,3 @@
+from agentkiln.trainer.trainer import Trainer
+
+__all__ = ["Trainer"]

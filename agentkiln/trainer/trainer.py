@@ -1,0 +1,120 @@
+"""`kiln.Trainer`: server, engine, runners and algorithm together on one machine.
+
+By default it starts everything in this process (server + engine in a thread, runners in
+another, the algorithm on the main thread) and they talk over loopback HTTP exactly as
+separate `kiln serve` / `kiln run` / `kiln train` processes would. Give `server_url` to
+train against a server (and runners) started elsewhere instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from agentkiln.algorithms.base import Algorithm, TrainingContext, TrainingResult
+from agentkiln.engine.base import Engine
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        *,
+        n_runners: int = 8,
+        runner_mode: str = "thread",
+        store: str = "memory",
+        engine: Union[str, Engine, None] = "smollm2",
+        server_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        run_dir: Union[str, Path] = "runs/latest",
+        port: int = 0,
+        on_event: Optional[Callable[[str, dict[str, Any]], None]] = None,
+    ) -> None:
+        self.algorithm = algorithm
+        self.n_runners = n_runners
+        self.runner_mode = runner_mode
+        self.store_url = store
+        self.engine = engine
+        self.server_url = server_url
+        self.api_key = api_key
+        self.run_dir = Path(run_dir)
+        self.port = port
+        self.on_event = on_event or (lambda kind, data: None)
+        self._server: Any = None
+        self._engine_obj: Optional[Engine] = None
+
+    # ------------------------------------------------------------------ embedded server
+    def start_server(self) -> str:
+        """Start store + engine + gateway in a background thread; returns its URL."""
+        from agentkiln.server.app import create_app
+        from agentkiln.server.serve import ServerThread, own_resources
+        from agentkiln.store import open_store
+
+        store = open_store(self.store_url)
+        engine = self.engine
+        if isinstance(engine, str):
+            from agentkiln.engine.factory import build_engine
+
+            engine = build_engine(engine)
+        self._engine_obj = engine
+        app = create_app(store, api_key=self.api_key, engine=engine)
+        own_resources(app, store, engine)
+        self._server = ServerThread(app, port=self.port)
+        url = self._server.start(timeout=600)
+        log.info("AgentKiln server on %s", url)
+        return url
+
+    def stop_server(self) -> None:
+        if self._server is not None:
+            self._server.stop(timeout=60)
+            self._server = None
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self, agent: Any, train_data: Sequence[Any], val_data: Optional[Sequence[Any]] = None
+    ) -> TrainingResult:
+        """Train `agent` (a @kiln.rollout function, kiln.Agent or "module:attr") on the tasks.
+
+        agent=None: runners are started elsewhere (`kiln run ... --server URL`); only the
+        algorithm runs here.
+        """
+        from agentkiln.runner.runner import Runner
+
+        url = self.server_url or self.start_server()
+        runner = runner_thread = None
+        if agent is not None:
+            runner = Runner(agent, url, n_workers=self.n_runners, mode=self.runner_mode, api_key=self.api_key)  # type: ignore[arg-type]
+            runner_thread = threading.Thread(target=runner.run, name="kiln-runners", daemon=True)
+            runner_thread.start()
+        try:
+            return asyncio.run(self._run_algorithm(url, train_data, val_data))
+        finally:
+            if runner is not None and runner_thread is not None:
+                runner.stop()
+                runner_thread.join(timeout=120)
+            if self.server_url is None:
+                self.stop_server()
+
+    async def _run_algorithm(
+        self, url: str, train_data: Sequence[Any], val_data: Optional[Sequence[Any]]
+    ) -> TrainingResult:
+        from agentkiln.store.client import HttpStore
+
+        store = HttpStore(url, api_key=self.api_key)
+        try:
+            ctx = TrainingContext(
+                store=store,
+                server_url=url,
+                run_dir=self.run_dir,
+                model_name=getattr(self._engine_obj, "model_name", None) or "smollm2-135m-instruct",
+                api_key=self.api_key,
+                on_event=self.on_event,
+            )
+            return await self.algorithm.run(ctx, train_data, val_data)
+        finally:
+            await store.close()

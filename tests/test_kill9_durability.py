@@ -1,0 +1,140 @@
+"""Every span the server acknowledged survives `kill -9` of `kiln serve` (SQLite store)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+STARTUP_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, db: Path, log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "agentkiln.cli.main",
+            "serve",
+            "--engine",
+            "none",
+            "--store",
+            str(db),
+            "--port",
+            str(self.port),
+        ]
+        self.log = log.open("ab")
+        env = {**os.environ, "KILN_API_KEY": ""}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, log_path: Path) -> None:
+        give_up = time.monotonic() + STARTUP_S
+        while time.monotonic() < give_up:
+            if self.proc.poll() is not None:
+                pytest.fail(f"kiln serve exited with {self.proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        pytest.fail(f"kiln serve did not answer /health:\n{log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator:
+    started: list[_Server] = []
+    log_path = tmp_path / "server.log"
+
+    def start() -> _Server:
+        server = _Server(tmp_path / "k.db", log_path)
+        started.append(server)
+        server.wait_ready(log_path)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _writer(url: str, rid: str, aid: str, acked: list[str], stop: threading.Event) -> None:
+    """Posts spans in batches of 3 until the server dies; records ids only from 200 answers."""
+    with httpx.Client(base_url=url, timeout=5) as client:
+        while not stop.is_set():
+            batch = [
+                {
+                    "rollout_id": rid,
+                    "attempt_id": aid,
+                    "name": "kiln.tool",
+                    "span_id": uuid.uuid4().hex[:16],
+                    "attributes": {"payload": "x" * 200},
+                }
+                for _ in range(3)
+            ]
+            try:
+                response = client.post("/api/v1/spans", json=batch)
+            except httpx.TransportError:
+                return  # server killed mid-request: these spans were never acknowledged
+            if response.status_code != 200:
+                return
+            acked.extend(span["span_id"] for span in response.json())
+
+
+def test_acknowledged_spans_survive_kill9(start_server) -> None:
+    server = start_server()
+    started = httpx.post(f"{server.url}/api/v1/rollouts/start", json={"input": {"task": "durable"}}).json()
+    rid, aid = started["rollout"]["rollout_id"], started["attempt"]["attempt_id"]
+
+    acked: list[str] = []
+    stop = threading.Event()
+    writers = [threading.Thread(target=_writer, args=(server.url, rid, aid, acked, stop)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    give_up = time.monotonic() + 60
+    while len(acked) < 150 and time.monotonic() < give_up and all(w.is_alive() for w in writers):
+        time.sleep(0.01)
+    os.kill(server.proc.pid, signal.SIGKILL)  # no shutdown hooks, no flush: only what was committed survives
+    server.proc.wait(10)
+    stop.set()
+    for w in writers:
+        w.join(30)
+    assert len(acked) >= 150, "writers stopped before the kill"
+
+    again = start_server()
+    rollout = httpx.get(f"{again.url}/api/v1/rollouts/{rid}").json()
+    assert rollout["rollout_id"] == rid and rollout["input"] == {"task": "durable"}
+    spans = httpx.get(f"{again.url}/api/v1/rollouts/{rid}/spans", params={"limit": 100_000}, timeout=30).json()
+    stored = [s["span_id"] for s in spans]
+    missing = set(acked) - set(stored)
+    assert not missing, f"{len(missing)} acknowledged spans lost after kill -9"
+    assert len(stored) == len(set(stored))  # no duplicates either
+    seqs = [s["sequence_id"] for s in spans]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
