@@ -17,7 +17,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from agentkiln.engine.base import ToolCall
 
@@ -105,7 +105,7 @@ def _tool_response_text(msg: dict[str, Any]) -> str:
     return f"<tool_response{attrs}>\n{content_text(msg.get('content'))}\n</tool_response>"
 
 
-def chat_turns(messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None) -> list[tuple[str, str]]:
+def chat_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[tuple[str, str]]:
     """(role, text) turns in ChatML roles: system first, consecutive tool results merged into one user turn."""
     turns: list[tuple[str, str]] = []
     msgs = list(messages)
@@ -134,7 +134,7 @@ def chat_turns(messages: list[dict[str, Any]], tools: Optional[list[dict[str, An
 
 
 def render_prompt(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
 ) -> RenderedPrompt:
     """ChatML text plus token ids, with the assistant generation prompt appended."""
     start_id = tokenizer.convert_tokens_to_ids(IM_START)
@@ -163,7 +163,7 @@ def render_prompt(
 class ParsedOutput:
     text: str
     tool_calls: list[ToolCall] = field(default_factory=list)
-    parse_error: Optional[str] = None
+    parse_error: str | None = None
 
 
 _CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
@@ -188,7 +188,7 @@ def _parse_one(body: str, known: set[str]) -> ToolCall:
     return ToolCall(id=new_call_id(), name=name, arguments=json.dumps(args, ensure_ascii=False))
 
 
-def parse_tool_calls(text: str, tools: Optional[list[dict[str, Any]]]) -> ParsedOutput:
+def parse_tool_calls(text: str, tools: list[dict[str, Any]] | None) -> ParsedOutput:
     """Split generated text into visible text and tool calls.
 
     Without tools in the request the text is returned as is (the model was never told the

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from agentkiln.engine.base import Engine
 
 
-def build_engine(spec: str, **engine_kwargs: Any) -> Optional[Engine]:
+def build_engine(spec: str, **engine_kwargs: Any) -> Engine | None:
     """`engine_kwargs` go to TransformersEngine (dtype, max_batch_size, device, ...)."""
     spec = spec.strip()
     if spec.lower() in ("", "none"):

@@ -29,9 +29,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ class _Seq:
     top_p: float
     stop: list[str]
     generator: torch.Generator
-    on_token: Callable[[int, Optional[SeqOutput]], None]  # (token id, output when this token ends it)
+    on_token: Callable[[int, SeqOutput | None], None]  # (token id, output when this token ends it)
     on_error: Callable[[BaseException], None]
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -94,7 +95,7 @@ class TransformersEngine(Engine):
         dtype: str = "bfloat16",
         max_batch_size: int = 8,
         device: str = "cpu",
-        num_threads: Optional[int] = None,
+        num_threads: int | None = None,
         gather_window_s: float = 0.005,
     ) -> None:
         self.model_name = model_name
@@ -117,7 +118,7 @@ class TransformersEngine(Engine):
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cond = threading.Condition()
         self._pending: collections.deque[_Seq] = collections.deque()
-        self._tasks: collections.deque[tuple[Callable[[], None], Callable[[Optional[BaseException]], None]]] = (
+        self._tasks: collections.deque[tuple[Callable[[], None], Callable[[BaseException | None], None]]] = (
             collections.deque()
         )
         self._closing = False
@@ -137,9 +138,7 @@ class TransformersEngine(Engine):
         loop = asyncio.get_running_loop()
         prompt = self.render(request)
         futures: list[asyncio.Future[SeqOutput]] = [loop.create_future() for _ in range(request.n)]
-        seqs = [
-            self._make_seq(request, prompt.ids, i, _future_callbacks(loop, fut)) for i, fut in enumerate(futures)
-        ]
+        seqs = [self._make_seq(request, prompt.ids, i, _future_callbacks(loop, fut)) for i, fut in enumerate(futures)]
         self._submit(seqs)
         try:
             outputs = await asyncio.gather(*futures)
@@ -156,7 +155,7 @@ class TransformersEngine(Engine):
         prompt = self.render(request)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-        def on_token(tok: int, out: Optional[SeqOutput]) -> None:
+        def on_token(tok: int, out: SeqOutput | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("tok", (tok, out)))
 
         def on_error(exc: BaseException) -> None:
@@ -194,7 +193,7 @@ class TransformersEngine(Engine):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
-        def done(exc: Optional[BaseException]) -> None:
+        def done(exc: BaseException | None) -> None:
             loop.call_soon_threadsafe(_settle, fut, None, exc)
 
         with self._cond:
@@ -215,7 +214,7 @@ class TransformersEngine(Engine):
         request: ChatRequest,
         prompt_ids: list[int],
         index: int,
-        callbacks: tuple[Callable[[int, Optional[SeqOutput]], None], Callable[[BaseException], None]],
+        callbacks: tuple[Callable[[int, SeqOutput | None], None], Callable[[BaseException], None]],
     ) -> _Seq:
         if len(prompt_ids) >= self.max_context:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}")
@@ -263,7 +262,11 @@ class TransformersEngine(Engine):
             )
         version = outputs[0].model_version if outputs else self._version
         return ChatResult(
-            prompt_ids=prompt.ids, prompt_text=prompt.text, choices=choices, model=self.model_name, model_version=version
+            prompt_ids=prompt.ids,
+            prompt_text=prompt.text,
+            choices=choices,
+            model=self.model_name,
+            model_version=version,
         )
 
     def _find_stop_ids(self) -> set[int]:
@@ -295,7 +298,7 @@ class TransformersEngine(Engine):
                     try:
                         fn()
                         done(None)
-                    except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                    except BaseException as exc:
                         log.exception("weight swap failed")
                         done(exc)
                     continue
@@ -322,7 +325,7 @@ class TransformersEngine(Engine):
     def _serve(self) -> None:
         """Run one continuous batch until no sequence is active and none can join."""
         active: list[_Seq] = []
-        cache: Optional[DynamicCache] = None
+        cache: DynamicCache | None = None
         mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         joining: list[_Seq] = []
         version = self._version
@@ -352,7 +355,7 @@ class TransformersEngine(Engine):
                 logits = self._decode_step(active, cache, mask)
                 mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
                 self._sample_and_record(active, logits, version)
-        except BaseException as exc:  # noqa: BLE001 - a failed batch must not kill the engine
+        except BaseException as exc:
             log.exception("generation batch failed")
             for seq in active + [s for s in joining if s not in active]:
                 if not seq.finished:
@@ -373,9 +376,7 @@ class TransformersEngine(Engine):
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
-        )
+        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
         self.stats.prefills += 1
         return cache, mask, out.logits[:, -1, :]
 
@@ -395,9 +396,11 @@ class TransformersEngine(Engine):
             seq.logprobs.append(logprob)
             self.stats.tokens += 1
             finish = None
-            if tok in self._stop_ids:
-                finish = "stop"
-            elif seq.stop and _has_stop(self.tokenizer.decode(seq.ids, skip_special_tokens=True), seq.stop):
+            if (
+                tok in self._stop_ids
+                or seq.stop
+                and _has_stop(self.tokenizer.decode(seq.ids, skip_special_tokens=True), seq.stop)
+            ):
                 finish = "stop"
             elif len(seq.ids) >= seq.max_tokens:
                 finish = "length"
@@ -405,8 +408,9 @@ class TransformersEngine(Engine):
             if finish is not None:
                 seq.finished = True
                 self.stats.sequences += 1
-                out = SeqOutput(ids=list(seq.ids), logprobs=list(seq.logprobs), finish_reason=finish,
-                                model_version=version)
+                out = SeqOutput(
+                    ids=list(seq.ids), logprobs=list(seq.logprobs), finish_reason=finish, model_version=version
+                )
             if not seq.cancelled:
                 seq.on_token(tok, out)
 
@@ -493,7 +497,7 @@ def _select_rows(cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> tu
     return cache, mask
 
 
-def _settle(fut: asyncio.Future, value: Any, exc: Optional[BaseException]) -> None:
+def _settle(fut: asyncio.Future, value: Any, exc: BaseException | None) -> None:
     if fut.done():
         return
     if exc is not None:
@@ -504,8 +508,8 @@ def _settle(fut: asyncio.Future, value: Any, exc: Optional[BaseException]) -> No
 
 def _future_callbacks(
     loop: asyncio.AbstractEventLoop, fut: asyncio.Future
-) -> tuple[Callable[[int, Optional[SeqOutput]], None], Callable[[BaseException], None]]:
-    def on_token(_tok: int, out: Optional[SeqOutput]) -> None:
+) -> tuple[Callable[[int, SeqOutput | None], None], Callable[[BaseException], None]]:
+    def on_token(_tok: int, out: SeqOutput | None) -> None:
         if out is not None:
             loop.call_soon_threadsafe(_settle, fut, out, None)
 

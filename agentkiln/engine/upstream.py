@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
@@ -31,11 +32,11 @@ class UpstreamEngine(Engine):
         base_url: str,
         *,
         model: str,
-        api_key: Optional[str] = None,
+        api_key: str | None = None,
         tokenizer: Any = None,
         model_version: str = "upstream",
         timeout_s: float = 600.0,
-        transport: Optional[httpx.AsyncBaseTransport] = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model_name = model
@@ -44,7 +45,7 @@ class UpstreamEngine(Engine):
         self._version = model_version
         self._timeout = timeout_s
         self._transport = transport
-        self._client: Optional[httpx.AsyncClient] = None
+        self._client: httpx.AsyncClient | None = None
 
     @property
     def model_version(self) -> str:
@@ -101,13 +102,13 @@ class UpstreamEngine(Engine):
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         if request.n != 1:
             raise ValueError("streaming supports n == 1 only")
-        prompt_ids: Optional[list[int]] = None
+        prompt_ids: list[int] | None = None
         token_ids: list[int] = []
         have_ids = False
         logprobs: list[float] = []
         text_parts: list[str] = []
         calls: dict[int, dict[str, str]] = {}
-        finish: Optional[str] = None
+        finish: str | None = None
         async with self._http().stream("POST", "/chat/completions", json=self._body(request, stream=True)) as resp:
             resp.raise_for_status()
             async for line in resp.aiter_lines():
@@ -152,9 +153,9 @@ class UpstreamEngine(Engine):
         self,
         index: int,
         message: dict[str, Any],
-        token_ids: Optional[list[int]],
+        token_ids: list[int] | None,
         logprobs: list[float],
-        finish_reason: Optional[str],
+        finish_reason: str | None,
     ) -> ChatChoice:
         text = message.get("content") or ""
         tool_calls = [
@@ -192,7 +193,7 @@ class UpstreamEngine(Engine):
             return []
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _result(self, request: ChatRequest, prompt_ids: Optional[list[int]], choices: list[ChatChoice]) -> ChatResult:
+    def _result(self, request: ChatRequest, prompt_ids: list[int] | None, choices: list[ChatChoice]) -> ChatResult:
         prompt_text = None
         if prompt_ids is None:
             if self.tokenizer is not None:

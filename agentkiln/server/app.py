@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 from fastapi import FastAPI
 
+from agentkiln.gateway.routes import build_gateway_router
 from agentkiln.server.errors import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -20,6 +21,8 @@ from agentkiln.server.errors import (
     install_error_handlers,
 )
 from agentkiln.server.idempotency import IdempotencyMiddleware, RecentSpans
+from agentkiln.server.model_sync import ModelSync, build_engine_status_router
+from agentkiln.server.otlp import build_otlp_router
 from agentkiln.server.store_routes import router as store_router
 from agentkiln.store.base import Store
 
@@ -45,32 +48,39 @@ def create_app(
     max_body_bytes: int = 16_000_000,
     sweep_interval_s: float = 1.0,
     public_paths: Iterable[str] = ("/health",),
+    engine: Any = None,
+    model_sync_interval_s: float = 0.25,
 ) -> FastAPI:
     """Build the server around `store`. sweep_interval_s <= 0 turns the background sweep off."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sweeper = None
+        tasks: list[asyncio.Task[None]] = []
         if sweep_interval_s > 0:
-            sweeper = asyncio.create_task(sweep_timeouts(store, sweep_interval_s), name="kiln-timeout-sweep")
+            tasks.append(asyncio.create_task(sweep_timeouts(store, sweep_interval_s), name="kiln-timeout-sweep"))
+        # The engine may be attached after create_app (kiln serve does): look it up at start-up.
+        if app.state.engine is not None and model_sync_interval_s > 0:
+            app.state.model_sync = ModelSync(store, app.state.engine, model_sync_interval_s)
+            tasks.append(asyncio.create_task(app.state.model_sync.run_forever(), name="kiln-model-sync"))
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                    await task
 
     app = FastAPI(title="AgentKiln", version="0.1.0", lifespan=lifespan)
     app.state.store = store
     app.state.recent_spans = RecentSpans()  # routes that write spans (store API, OTLP intake) share it
-    app.state.engine = None  # set by `kiln serve --engine ...`; the gateway reads it per request
+    app.state.engine = engine  # the gateway reads it per request, so it may also be set later
+    app.state.model_sync = None
     install_error_handlers(app)
     app.include_router(store_router)
 
-    # ---- other routers are included here by the lead: gateway, OTLP /v1/traces intake, dashboard.
-    # e.g. app.include_router(gateway_router); app.include_router(otlp_router); app.include_router(dashboard_router)
-    # ---- end of router section
+    app.include_router(build_gateway_router())
+    app.include_router(build_otlp_router())
+    app.include_router(build_engine_status_router())
 
     # Added innermost first: a request passes error catcher -> API key -> body limit -> idempotency -> routes.
     app.add_middleware(IdempotencyMiddleware)
