@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
+from contextlib import closing
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +23,7 @@ from agentkiln.models import (
     SpanIn,
     WorkerStatus,
 )
-from agentkiln.store import InvalidTransitionError, NotFoundError, Store, ValidationError
+from agentkiln.store import InvalidTransitionError, NotFoundError, SqliteStore, Store, ValidationError
 
 S = RolloutStatus
 
@@ -259,6 +263,49 @@ async def test_spans_for_unknown_attempt_rejected_whole_batch(store: Store) -> N
     assert (await store.add_span(_span(rid, aid))).sequence_id == 1
 
 
+async def test_resent_spans_not_stored_twice(store: Store) -> None:
+    ar = await store.start_rollout("x")
+    rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
+    batch = [_span(rid, aid, "a", i=1), _span(rid, aid, "b", i=2)]
+    first = await store.add_spans(batch)
+    again = await store.add_spans(batch)  # the client retries: the answer to the first send was lost
+    assert again == first and [s.sequence_id for s in again] == [1, 2]
+    mixed = await store.add_spans([_span(rid, aid, "c", i=3), batch[1]])
+    assert [s.sequence_id for s in mixed] == [3, 2] and mixed[1] == first[1]
+    assert [s.attributes["i"] for s in await store.query_spans(rid)] == [1, 2, 3]
+
+
+async def test_repeated_spans_in_one_batch_collapse(store: Store) -> None:
+    ar = await store.start_rollout("x")
+    rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
+    a, b = _span(rid, aid, "a"), _span(rid, aid, "b")
+    out = await store.add_spans([a, b, a, a.model_copy(update={"name": "a2"})])
+    assert [(s.name, s.sequence_id) for s in out] == [("a", 1), ("b", 2), ("a", 1), ("a", 1)]  # first copy wins
+    assert [(s.name, s.sequence_id) for s in await store.query_spans(rid)] == [("a", 1), ("b", 2)]
+
+
+async def test_span_id_is_scoped_to_its_attempt(store: Store) -> None:
+    cfg = RolloutConfig(max_attempts=2, retry_on=[FailureKind.llm_error])
+    await store.enqueue_rollout("x", config=cfg)
+    first = await store.dequeue_rollout()
+    rid, a1 = first.rollout.rollout_id, first.attempt.attempt_id
+    s1 = await store.add_span(_span(rid, a1))
+    await store.update_attempt(rid, a1, status=AttemptStatus.failed, error=AttemptError(kind=FailureKind.llm_error))
+    a2 = (await store.dequeue_rollout()).attempt.attempt_id
+    s2 = await store.add_span(_span(rid, a2).model_copy(update={"span_id": s1.span_id}))
+    assert (s2.attempt_id, s2.sequence_id) == (a2, 1)
+    assert len(await store.query_spans(rid)) == 2
+
+
+async def test_resent_batch_with_unknown_attempt_still_rejected(store: Store) -> None:
+    ar = await store.start_rollout("x")
+    rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
+    known = await store.add_span(_span(rid, aid))
+    with pytest.raises(NotFoundError):
+        await store.add_spans([_span(rid, aid), known, _span(rid, "at-nope")])
+    assert await store.query_spans(rid) == [known]
+
+
 async def test_span_counts_as_heartbeat_and_late_spans_kept(store: Store) -> None:
     ar = await store.start_rollout("x")
     rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
@@ -332,3 +379,41 @@ async def test_wait_for_rollouts_timeout_returns_finished_only(store: Store) -> 
     assert await store.wait_for_rollouts([], timeout=0) == []
     with pytest.raises(NotFoundError):
         await store.wait_for_rollouts(["ro-nope"], timeout=0.01)
+
+
+# --------------------------------------------------------------------------- SQLite only
+
+
+async def test_sqlite_resent_spans_deduplicated_after_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    async with SqliteStore(path) as store:
+        ar = await store.start_rollout("x")
+        rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
+        batch = [_span(rid, aid, "a"), _span(rid, aid, "b")]
+        first = await store.add_spans(batch)
+    async with SqliteStore(path) as store:  # the server restarted between the send and the retry
+        assert await store.add_spans(batch) == first
+        assert [s.sequence_id for s in await store.query_spans(rid)] == [1, 2]
+
+
+async def test_sqlite_old_file_with_repeated_spans_still_opens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "store.db"
+    async with SqliteStore(path) as store:
+        ar = await store.start_rollout("x")
+        rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
+        first = await store.add_span(_span(rid, aid))
+    with closing(sqlite3.connect(path)) as conn, conn:  # what a version without the span key index could leave
+        conn.execute("DROP INDEX spans_by_key")
+        conn.execute(
+            "INSERT INTO spans (rollout_id, attempt_id, attempt_seq, sequence_id, name, trace_id, span_id, start_time, "
+            "attributes, events, status, resource) SELECT rollout_id, attempt_id, attempt_seq, 2, 'dup', trace_id, "
+            "span_id, start_time, attributes, events, status, resource FROM spans"
+        )
+    with caplog.at_level(logging.WARNING, logger="agentkiln.store.sqlite_schema"):
+        async with SqliteStore(path) as store:
+            assert await store.add_span(first) == first  # the first stored copy wins
+            assert (await store.add_span(_span(rid, aid))).sequence_id == 3
+            assert len(await store.query_spans(rid)) == 3
+    assert "without a unique index" in caplog.text

@@ -20,12 +20,20 @@ log = logging.getLogger(__name__)
 
 
 def build_demo_algorithm(
-    *, steps: int, time_budget_s: Optional[float], lr: float, tasks_per_step: int, samples: int, eval_every: int
+    *,
+    steps: int,
+    time_budget_s: Optional[float],
+    lr: float,
+    tasks_per_step: int,
+    samples: int,
+    eval_every: int,
+    model_dir: Optional[str] = None,
 ) -> Any:
     from agentkiln.algorithms.grpo import GRPOConfig, LoraSettings
     from agentkiln.algorithms.grpo_algorithm import GRPO
 
     return GRPO(
+        model_dir=model_dir,
         steps=steps,
         time_budget_s=time_budget_s,
         tasks_per_step=tasks_per_step,
@@ -56,6 +64,7 @@ def demo(
     from agentkiln.dashboard.plots import plot_reward_history
     from agentkiln.demo.agent import calculator_agent
     from agentkiln.demo.tasks import make_tasks
+    from agentkiln.engine.model_files import tiny_model_dir
     from agentkiln.trainer import Trainer
 
     console = Console()
@@ -66,6 +75,7 @@ def demo(
     algorithm = build_demo_algorithm(
         steps=steps, time_budget_s=time_budget, lr=lr, tasks_per_step=tasks_per_step, samples=samples,
         eval_every=eval_every,
+        model_dir=str(tiny_model_dir()) if engine == "tiny" else None,
     )
     algorithm.resume = not fresh
     console.print(

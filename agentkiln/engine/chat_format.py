@@ -176,7 +176,7 @@ def new_call_id() -> str:
 def _parse_one(body: str, known: set[str]) -> ToolCall:
     obj = json.loads(body.strip())
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        raise ValueError("tool call must be a JSON object with a string 'name'")
+        raise TypeError("tool call must be a JSON object with a string 'name'")
     name = obj["name"]
     if name not in known:
         raise ValueError(f"unknown tool {name!r}")
@@ -184,7 +184,7 @@ def _parse_one(body: str, known: set[str]) -> ToolCall:
     if isinstance(args, str):
         args = json.loads(args) if args.strip() else {}
     if not isinstance(args, dict):
-        raise ValueError("tool call 'arguments' must be a JSON object")
+        raise TypeError("tool call 'arguments' must be a JSON object")
     return ToolCall(id=new_call_id(), name=name, arguments=json.dumps(args, ensure_ascii=False))
 
 
@@ -205,7 +205,7 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]] | None) -> ParsedOut
         rest = _CALL_RE.sub("", text)
         if TOOL_CALL_OPEN in rest:
             raise ValueError(f"unclosed {TOOL_CALL_OPEN}")
-    except (ValueError, json.JSONDecodeError) as exc:
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
         return ParsedOutput(text=text, parse_error=f"malformed tool call: {exc}")
     visible = re.sub(r"\n{2,}", "\n", rest).strip()
     return ParsedOutput(text=visible, tool_calls=calls)

@@ -41,13 +41,17 @@ class ModelSync:
         if latest is None or latest.resources_id == self.loaded_resources_id:
             return False
         path = main_llm_weights(latest)
-        if path is not None and path != self.loaded_path:
+        changed = path != self.loaded_path
+        if changed:
+            # No weights named after some were loaded: go back to the engine's original model.
+            target = path if path is not None else str(getattr(self.engine, "model_dir", ""))
             version = f"v{latest.version}"
-            log.info("loading weights %s as model version %s", path, version)
-            await self.engine.load_weights(path, version)
+            if target:
+                log.info("loading weights %s as model version %s", target, version)
+                await self.engine.load_weights(target, version)
             self.loaded_path = path
         self.loaded_resources_id = latest.resources_id
-        return path is not None
+        return changed
 
     async def run_forever(self) -> None:
         while True:

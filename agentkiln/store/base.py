@@ -147,7 +147,12 @@ class Store(abc.ABC):
     # ------------------------------------------------------------------ spans
     @abc.abstractmethod
     async def add_spans(self, spans: Sequence[SpanIn]) -> list[Span]:
-        """Store spans durably before returning; assigns per-attempt sequence ids; counts as heartbeat."""
+        """Store spans durably before returning; assigns per-attempt sequence ids; counts as heartbeat.
+
+        (rollout_id, attempt_id, span_id) identifies a span: one already stored (or repeated
+        within the batch) comes back as first stored and is not added again, so a sender may
+        retry a batch whose answer it lost. A span naming an unknown attempt rejects the batch.
+        """
 
     async def add_span(self, span: SpanIn) -> Span:
         return (await self.add_spans([span]))[0]

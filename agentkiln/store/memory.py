@@ -52,6 +52,7 @@ class InMemoryStore(Store):
         self._attempts: dict[str, list[Attempt]] = {}  # rollout id -> attempts by sequence
         self._attempt_pos: dict[str, tuple[str, int]] = {}  # attempt id -> (rollout id, index)
         self._spans: dict[str, list[Span]] = {}  # attempt id -> spans by sequence
+        self._span_keys: dict[tuple[str, str, str], Span] = {}  # (rollout, attempt, span id) -> stored span
         self._resources: list[Resources] = []
         self._resources_by_id: dict[str, Resources] = {}
         self._workers: dict[str, Worker] = {}
@@ -289,12 +290,19 @@ class InMemoryStore(Store):
             for s in spans:  # validate the whole batch before storing any of it
                 self._attempt(s.rollout_id, s.attempt_id)
             now = wall_now()
-            out = []
+            out, added = [], 0
             for rec in records:
-                stored = self._spans.setdefault(rec["attempt_id"], [])
-                span = Span.model_validate({**rec, "sequence_id": len(stored) + 1})
-                stored.append(span)
+                key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
+                span = self._span_keys.get(key)
+                if span is None:  # a re-sent span (or a repeat in this batch) comes back as first stored
+                    stored = self._spans.setdefault(rec["attempt_id"], [])
+                    span = Span.model_validate({**rec, "sequence_id": len(stored) + 1})
+                    stored.append(span)
+                    self._span_keys[key] = span
+                    added += 1
                 out.append(span.model_copy(deep=True))
+            if added < len(records):
+                log.info("ignoring %d re-sent span(s)", len(records) - added)
             for rid, aid in {(s.rollout_id, s.attempt_id) for s in spans}:
                 attempt, is_latest = self._attempt(rid, aid)
                 self._apply(lifecycle.record_activity(self._rollouts[rid], attempt, is_latest, now))

@@ -1,27 +1,21 @@
 """Durable default store: one SQLite file in WAL mode, safe to share between processes.
 
-All database work of one SqliteStore runs on one dedicated thread owning one connection.
-That thread drains every request waiting in its queue into a single transaction (group
-commit), so a hundred runners adding spans at once cost one fsync-free WAL commit, not a
-hundred. Each request runs inside its own SAVEPOINT, so one caller's error (unknown id,
-invalid transition) rolls back only that caller's work. Writes use BEGIN IMMEDIATE, which
-takes SQLite's write lock up front: two processes sharing the file can never dequeue the
-same rollout. A call returns only after its transaction committed (WAL + synchronous=NORMAL
-survives a killed process). Lifecycle rules come from `lifecycle`, shared with the memory store.
+All database work of one SqliteStore runs on one dedicated thread owning one connection
+(`sqlite_worker`), which batches concurrent requests into group-commit transactions; a call
+returns only after its transaction committed (WAL + synchronous=NORMAL survives a killed
+process). This module holds the Store methods; the schema, row conversion and shared
+statements live in `sqlite_schema`, `sqlite_rows` and `sqlite_queries`. Lifecycle rules come
+from `lifecycle`, shared with the memory store.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import queue
 import sqlite3
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,417 +40,33 @@ from agentkiln.models import (
     now as wall_now,
 )
 from agentkiln.store import lifecycle
+from agentkiln.store import sqlite_queries as q
 from agentkiln.store.base import NotFoundError, Store, StoreError
+from agentkiln.store.sqlite_rows import (
+    A_COLS,
+    R_COLS,
+    RES_COLS,
+    S_COLS,
+    S_INSERT_COLS,
+    W_COLS,
+    attempt_from_row,
+    dumps,
+    resources_from_row,
+    rollout_from_row,
+    span_from_row,
+    span_values,
+    worker_from_row,
+)
+from agentkiln.store.sqlite_schema import SCHEMA_VERSION
+from agentkiln.store.sqlite_worker import DbThread, Request, deliver
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
-MAX_BATCH = 512  # requests per group-commit transaction
 POLL_S = 0.25  # wait_for_rollouts re-reads the file this often (other processes may finish rollouts)
-
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS rollouts (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- creation order, drives FIFO
-        rollout_id TEXT NOT NULL UNIQUE,
-        status TEXT NOT NULL,
-        mode TEXT,
-        input TEXT NOT NULL,  -- JSON
-        resources_id TEXT,
-        config TEXT NOT NULL,  -- JSON
-        metadata TEXT NOT NULL,  -- JSON
-        created_at REAL NOT NULL,
-        start_time REAL,
-        end_time REAL,
-        num_attempts INTEGER NOT NULL DEFAULT 0
-    )""",
-    "CREATE INDEX IF NOT EXISTS rollouts_waiting ON rollouts(seq) WHERE status IN ('queuing', 'requeuing')",
-    "CREATE INDEX IF NOT EXISTS rollouts_status ON rollouts(status, seq)",
-    """CREATE TABLE IF NOT EXISTS attempts (
-        attempt_id TEXT PRIMARY KEY,
-        rollout_id TEXT NOT NULL,
-        sequence_id INTEGER NOT NULL,
-        worker_id TEXT,
-        status TEXT NOT NULL,
-        start_time REAL NOT NULL,
-        end_time REAL,
-        last_heartbeat REAL NOT NULL,
-        error TEXT,  -- JSON
-        UNIQUE (rollout_id, sequence_id)
-    )""",
-    "CREATE INDEX IF NOT EXISTS attempts_running ON attempts(rollout_id) WHERE status = 'running'",
-    """CREATE TABLE IF NOT EXISTS spans (
-        id INTEGER PRIMARY KEY,
-        rollout_id TEXT NOT NULL,
-        attempt_id TEXT NOT NULL,
-        attempt_seq INTEGER NOT NULL,
-        sequence_id INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        trace_id TEXT NOT NULL,
-        span_id TEXT NOT NULL,
-        parent_id TEXT,
-        start_time REAL NOT NULL,
-        end_time REAL,
-        attributes TEXT NOT NULL,  -- JSON
-        events TEXT NOT NULL,  -- JSON
-        status TEXT NOT NULL,  -- JSON
-        resource TEXT NOT NULL  -- JSON
-    )""",
-    "CREATE UNIQUE INDEX IF NOT EXISTS spans_by_attempt ON spans(rollout_id, attempt_id, sequence_id)",
-    "CREATE INDEX IF NOT EXISTS spans_by_rollout ON spans(rollout_id, attempt_seq, sequence_id)",
-    """CREATE TABLE IF NOT EXISTS resources (
-        resources_id TEXT PRIMARY KEY,
-        version INTEGER NOT NULL UNIQUE,
-        created_at REAL NOT NULL,
-        llms TEXT NOT NULL,  -- JSON
-        prompts TEXT NOT NULL,  -- JSON
-        metadata TEXT NOT NULL  -- JSON
-    )""",
-    """CREATE TABLE IF NOT EXISTS workers (
-        worker_id TEXT PRIMARY KEY,
-        status TEXT NOT NULL,
-        last_heartbeat REAL NOT NULL,
-        current_rollout_id TEXT,
-        current_attempt_id TEXT,
-        metadata TEXT NOT NULL  -- JSON
-    )""",
-]
-
-# --------------------------------------------------------------------------- rows <-> models
-
-_R_COLS = (
-    "rollout_id, status, mode, input, resources_id, config, metadata, created_at, start_time, end_time, num_attempts"
-)
-_A_COLS = "attempt_id, rollout_id, sequence_id, worker_id, status, start_time, end_time, last_heartbeat, error"
-_S_COLS = (
-    "rollout_id, attempt_id, sequence_id, name, trace_id, span_id, parent_id, start_time, end_time, "
-    "attributes, events, status, resource"
-)
-_RES_COLS = "resources_id, version, created_at, llms, prompts, metadata"
-_W_COLS = "worker_id, status, last_heartbeat, current_rollout_id, current_attempt_id, metadata"
-_WAITING = "status IN ('queuing', 'requeuing')"
-# INDEXED BY: without statistics the planner prefers rollouts_status plus a sort of every waiting row.
-_DEQUEUE_SQL = f"SELECT {_R_COLS} FROM rollouts INDEXED BY rollouts_waiting WHERE {_WAITING} ORDER BY seq LIMIT 1"
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _rollout(row: Sequence[Any]) -> Rollout:
-    return Rollout(
-        rollout_id=row[0],
-        status=RolloutStatus(row[1]),
-        mode=RolloutMode(row[2]) if row[2] is not None else None,
-        input=json.loads(row[3]),
-        resources_id=row[4],
-        config=RolloutConfig.model_validate_json(row[5]),
-        metadata=json.loads(row[6]),
-        created_at=row[7],
-        start_time=row[8],
-        end_time=row[9],
-        num_attempts=row[10],
-    )
-
-
-def _rollout_values(r: Rollout) -> tuple[Any, ...]:
-    return (
-        r.rollout_id,
-        r.status.value,
-        r.mode.value if r.mode is not None else None,
-        _dumps(r.input),
-        r.resources_id,
-        r.config.model_dump_json(),
-        _dumps(r.metadata),
-        r.created_at,
-        r.start_time,
-        r.end_time,
-        r.num_attempts,
-    )
-
-
-def _attempt(row: Sequence[Any]) -> Attempt:
-    return Attempt(
-        attempt_id=row[0],
-        rollout_id=row[1],
-        sequence_id=row[2],
-        worker_id=row[3],
-        status=AttemptStatus(row[4]),
-        start_time=row[5],
-        end_time=row[6],
-        last_heartbeat=row[7],
-        error=AttemptError.model_validate_json(row[8]) if row[8] is not None else None,
-    )
-
-
-def _attempt_values(a: Attempt) -> tuple[Any, ...]:
-    return (
-        a.attempt_id,
-        a.rollout_id,
-        a.sequence_id,
-        a.worker_id,
-        a.status.value,
-        a.start_time,
-        a.end_time,
-        a.last_heartbeat,
-        a.error.model_dump_json() if a.error is not None else None,
-    )
-
-
-def _span(row: Sequence[Any]) -> Span:
-    return Span.model_validate(
-        {
-            "rollout_id": row[0],
-            "attempt_id": row[1],
-            "sequence_id": row[2],
-            "name": row[3],
-            "trace_id": row[4],
-            "span_id": row[5],
-            "parent_id": row[6],
-            "start_time": row[7],
-            "end_time": row[8],
-            "attributes": json.loads(row[9]),
-            "events": json.loads(row[10]),
-            "status": json.loads(row[11]),
-            "resource": json.loads(row[12]),
-        }
-    )
-
-
-def _resources(row: Sequence[Any]) -> Resources:
-    return Resources.model_validate(
-        {
-            "resources_id": row[0],
-            "version": row[1],
-            "created_at": row[2],
-            "llms": json.loads(row[3]),
-            "prompts": json.loads(row[4]),
-            "metadata": json.loads(row[5]),
-        }
-    )
-
-
-def _worker(row: Sequence[Any]) -> Worker:
-    return Worker(
-        worker_id=row[0],
-        status=WorkerStatus(row[1]),
-        last_heartbeat=row[2],
-        current_rollout_id=row[3],
-        current_attempt_id=row[4],
-        metadata=json.loads(row[5]),
-    )
-
-
-# --------------------------------------------------------------------------- statements used by ops
-
-
-def _get_rollout(conn: sqlite3.Connection, rollout_id: str) -> Rollout:
-    row = conn.execute(f"SELECT {_R_COLS} FROM rollouts WHERE rollout_id = ?", (rollout_id,)).fetchone()
-    if row is None:
-        raise NotFoundError(f"rollout {rollout_id} not found")
-    return _rollout(row)
-
-
-def _get_attempt(conn: sqlite3.Connection, rollout_id: str, attempt_id: str) -> Attempt:
-    row = conn.execute(
-        f"SELECT {_A_COLS} FROM attempts WHERE attempt_id = ? AND rollout_id = ?", (attempt_id, rollout_id)
-    ).fetchone()
-    if row is None:
-        raise NotFoundError(f"attempt {attempt_id} of rollout {rollout_id} not found")
-    return _attempt(row)
-
-
-def _latest_attempt(conn: sqlite3.Connection, rollout: Rollout) -> Attempt | None:
-    row = conn.execute(
-        f"SELECT {_A_COLS} FROM attempts WHERE rollout_id = ? AND sequence_id = ?",
-        (rollout.rollout_id, rollout.num_attempts),
-    ).fetchone()
-    return _attempt(row) if row is not None else None
-
-
-def _insert_rollout(conn: sqlite3.Connection, r: Rollout) -> None:
-    conn.execute(f"INSERT INTO rollouts ({_R_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", _rollout_values(r))
-
-
-def _save_rollout(conn: sqlite3.Connection, r: Rollout) -> None:
-    v = _rollout_values(r)
-    conn.execute(
-        "UPDATE rollouts SET status=?, mode=?, resources_id=?, config=?, metadata=?, start_time=?, end_time=?, "
-        "num_attempts=? WHERE rollout_id=?",
-        (v[1], v[2], v[4], v[5], v[6], v[8], v[9], v[10], v[0]),
-    )
-
-
-def _insert_attempt(conn: sqlite3.Connection, a: Attempt) -> None:
-    conn.execute(f"INSERT INTO attempts ({_A_COLS}) VALUES (?,?,?,?,?,?,?,?,?)", _attempt_values(a))
-
-
-def _save_attempt(conn: sqlite3.Connection, a: Attempt) -> None:
-    v = _attempt_values(a)
-    conn.execute(
-        "UPDATE attempts SET worker_id=?, status=?, end_time=?, last_heartbeat=?, error=? WHERE attempt_id=?",
-        (v[3], v[4], v[6], v[7], v[8], v[0]),
-    )
-
-
-def _apply(conn: sqlite3.Connection, change: lifecycle.Change) -> bool:
-    """Persist a lifecycle change; True if it finished a rollout (waiters must look)."""
-    if change.attempt is not None:
-        _save_attempt(conn, change.attempt)
-    if change.rollout is not None:
-        _save_rollout(conn, change.rollout)
-        return change.rollout.status.finished
-    return False
-
-
-def _start(conn: sqlite3.Connection, rollout: Rollout, worker_id: str | None) -> AttemptedRollout:
-    change = lifecycle.start_attempt(rollout, worker_id, wall_now())
-    assert change.rollout is not None and change.attempt is not None
-    _insert_attempt(conn, change.attempt)
-    _save_rollout(conn, change.rollout)
-    return AttemptedRollout(rollout=change.rollout, attempt=change.attempt)
-
-
-def _fetch_rollouts(conn: sqlite3.Connection, rollout_ids: Sequence[str]) -> dict[str, Rollout]:
-    rows = conn.execute(
-        f"SELECT {_R_COLS} FROM rollouts WHERE rollout_id IN (SELECT value FROM json_each(?))",
-        (_dumps(list(rollout_ids)),),
-    ).fetchall()
-    return {row[0]: _rollout(row) for row in rows}
-
-
-# --------------------------------------------------------------------------- the DB thread
-
-
-@dataclass
-class _Request:
-    fn: Callable[[sqlite3.Connection], Any]
-    write: bool
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-
-
-def _deliver(future: asyncio.Future, value: Any, exc: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(value)
-
-
-class _DbThread:
-    """Owns the connection; runs queued requests in group-commit transactions."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._ready = threading.Event()
-        self._open_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"agentkiln-sqlite:{path}", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._open_error is not None:
-            raise self._open_error
-
-    def submit(self, request: _Request) -> None:
-        self._queue.put(request)
-
-    def request_stop(self) -> None:
-        """Finish queued work, then close the connection (does not wait)."""
-        self._queue.put(None)
-
-    def stop(self) -> None:
-        self.request_stop()
-        self._thread.join()
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, timeout=30.0, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in _SCHEMA:
-                conn.execute(stmt)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self._path} has schema version {version}, newer than this agentkiln")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            conn.close()
-            raise
-        return conn
-
-    def _run(self) -> None:
-        try:
-            conn = self._connect()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the constructor's thread
-            self._open_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            self._execute(conn, batch)
-        conn.close()
-
-    def _execute(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
-        write = any(r.write for r in batch)
-        results: list[tuple[Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            for r in batch:
-                results.append(self._one(conn, r))
-            conn.execute("COMMIT")
-        except Exception as exc:  # BEGIN/COMMIT failed: nothing of this batch is durable
-            log.exception("sqlite transaction of %d requests failed", len(batch))
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.exception("sqlite rollback failed")
-            results = [(None, exc)] * len(batch)
-        for r, (value, exc) in zip(batch, results):
-            try:
-                r.loop.call_soon_threadsafe(_deliver, r.future, value, exc)
-            except RuntimeError:  # the caller's loop is gone
-                pass
-
-    @staticmethod
-    def _one(conn: sqlite3.Connection, r: _Request) -> tuple[Any, BaseException | None]:
-        if not r.write:
-            try:
-                return r.fn(conn), None
-            except Exception as exc:  # noqa: BLE001 - handed to the caller's future
-                return None, exc
-        conn.execute("SAVEPOINT op")
-        try:
-            value = r.fn(conn)
-        except Exception as exc:  # noqa: BLE001 - handed to the caller's future
-            conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
-            return None, exc
-        conn.execute("RELEASE op")
-        return value, None
-
-
-# --------------------------------------------------------------------------- the store
 
 
 class SqliteStore(Store):
@@ -466,7 +76,7 @@ class SqliteStore(Store):
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = _DbThread(self.path)
+        self._db = DbThread(self.path)
         # A store dropped without close() still releases its thread and connection.
         self._finalizer = weakref.finalize(self, self._db.request_stop)
         self._closed = False
@@ -479,14 +89,14 @@ class SqliteStore(Store):
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        self._db.submit(_Request(fn, write, loop, future))
+        self._db.submit(Request(fn, write, loop, future))
         return await future
 
     def _notify_finished(self) -> None:
         """Wake this process's wait_for_rollouts callers (other processes are seen by polling)."""
         for w in list(self._waiters):
             if not w.done():
-                w.get_loop().call_soon_threadsafe(_deliver, w, None, None)
+                w.get_loop().call_soon_threadsafe(deliver, w, None, None)
 
     async def _maybe_sweep(self) -> None:
         if self._sweep_interval_s is not None and time.monotonic() - self._last_sweep >= self._sweep_interval_s:
@@ -521,10 +131,7 @@ class SqliteStore(Store):
                                                       "metadata": None, **item}) for item in items]  # fmt: skip
 
         def op(conn: sqlite3.Connection) -> list[Rollout]:
-            conn.executemany(
-                f"INSERT INTO rollouts ({_R_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [_rollout_values(r) for r in rollouts],
-            )
+            q.insert_rollouts(conn, rollouts)
             return rollouts
 
         return await self._call(op)
@@ -533,8 +140,8 @@ class SqliteStore(Store):
         await self._maybe_sweep()
 
         def op(conn: sqlite3.Connection) -> AttemptedRollout | None:
-            row = conn.execute(_DEQUEUE_SQL).fetchone()
-            return _start(conn, _rollout(row), worker_id) if row is not None else None
+            row = conn.execute(q.DEQUEUE_SQL).fetchone()
+            return q.start(conn, rollout_from_row(row), worker_id) if row is not None else None
 
         return await self._call(op)
 
@@ -553,13 +160,13 @@ class SqliteStore(Store):
         )
 
         def op(conn: sqlite3.Connection) -> AttemptedRollout:
-            _insert_rollout(conn, rollout)
-            return _start(conn, rollout, worker_id)
+            q.insert_rollouts(conn, [rollout])
+            return q.start(conn, rollout, worker_id)
 
         return await self._call(op)
 
     async def get_rollout(self, rollout_id: str) -> Rollout:
-        return await self._call(lambda conn: _get_rollout(conn, rollout_id), write=False)
+        return await self._call(lambda conn: q.get_rollout(conn, rollout_id), write=False)
 
     async def query_rollouts(
         self,
@@ -574,20 +181,20 @@ class SqliteStore(Store):
         where, args = [], []
         if status is not None:
             where.append("status IN (SELECT value FROM json_each(?))")
-            args.append(_dumps([RolloutStatus(s).value for s in status]))
+            args.append(dumps([RolloutStatus(s).value for s in status]))
         if mode is not None:
             where.append("mode = ?")
             args.append(RolloutMode(mode).value)
         if rollout_ids is not None:
             where.append("rollout_id IN (SELECT value FROM json_each(?))")
-            args.append(_dumps(list(rollout_ids)))
-        sql = f"SELECT {_R_COLS} FROM rollouts"
+            args.append(dumps(list(rollout_ids)))
+        sql = f"SELECT {R_COLS} FROM rollouts"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq LIMIT ? OFFSET ?"
 
         def op(conn: sqlite3.Connection) -> list[Rollout]:
-            return [_rollout(row) for row in conn.execute(sql, (*args, limit, offset))]
+            return [rollout_from_row(row) for row in conn.execute(sql, (*args, limit, offset))]
 
         return await self._call(op, write=False)
 
@@ -602,13 +209,13 @@ class SqliteStore(Store):
         metadata: dict[str, Any] | None = None,
     ) -> Rollout:
         def op(conn: sqlite3.Connection) -> tuple[Rollout, bool]:
-            rollout = _get_rollout(conn, rollout_id)
+            rollout = q.get_rollout(conn, rollout_id)
             change = lifecycle.update_rollout(
-                rollout, _latest_attempt(conn, rollout),
+                rollout, q.latest_attempt(conn, rollout),
                 status=status, mode=mode, resources_id=resources_id, config=config, metadata=metadata,
                 now=wall_now(),
             )  # fmt: skip
-            finished = _apply(conn, change) and not rollout.status.finished
+            finished = q.apply(conn, change) and not rollout.status.finished
             return change.rollout or rollout, finished
 
         result, finished = await self._call(op)
@@ -628,7 +235,7 @@ class SqliteStore(Store):
             try:
                 await self._maybe_sweep()
                 pending = [i for i in dict.fromkeys(ids) if i not in done]
-                found = await self._call(lambda conn, ids_=pending: _fetch_rollouts(conn, ids_), write=False)
+                found = await self._call(lambda conn, ids_=pending: q.fetch_rollouts(conn, ids_), write=False)
                 if first:
                     missing = [i for i in pending if i not in found]
                     if missing:
@@ -650,16 +257,16 @@ class SqliteStore(Store):
 
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
         def op(conn: sqlite3.Connection) -> list[Attempt]:
-            _get_rollout(conn, rollout_id)
+            q.get_rollout(conn, rollout_id)
             rows = conn.execute(
-                f"SELECT {_A_COLS} FROM attempts WHERE rollout_id = ? ORDER BY sequence_id", (rollout_id,)
+                f"SELECT {A_COLS} FROM attempts WHERE rollout_id = ? ORDER BY sequence_id", (rollout_id,)
             )
-            return [_attempt(row) for row in rows]
+            return [attempt_from_row(row) for row in rows]
 
         return await self._call(op, write=False)
 
     async def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
-        return await self._call(lambda conn: _latest_attempt(conn, _get_rollout(conn, rollout_id)), write=False)
+        return await self._call(lambda conn: q.latest_attempt(conn, q.get_rollout(conn, rollout_id)), write=False)
 
     async def update_attempt(
         self,
@@ -671,13 +278,13 @@ class SqliteStore(Store):
         error: AttemptError | None = None,
     ) -> Attempt:
         def op(conn: sqlite3.Connection) -> tuple[Attempt, bool]:
-            rollout = _get_rollout(conn, rollout_id)
-            attempt = _get_attempt(conn, rollout_id, attempt_id)
+            rollout = q.get_rollout(conn, rollout_id)
+            attempt = q.get_attempt(conn, rollout_id, attempt_id)
             change = lifecycle.update_attempt(
                 rollout, attempt, attempt.sequence_id == rollout.num_attempts,
                 status=status, worker_id=worker_id, error=error, now=wall_now(),
             )  # fmt: skip
-            return change.attempt or attempt, _apply(conn, change)
+            return change.attempt or attempt, q.apply(conn, change)
 
         result, finished = await self._call(op)
         if finished:
@@ -687,42 +294,51 @@ class SqliteStore(Store):
     # ------------------------------------------------------------------ spans
 
     async def add_spans(self, spans: Sequence[SpanIn]) -> list[Span]:
+        """Spans already stored under (rollout_id, attempt_id, span_id) come back as stored, not added again.
+
+        A client retrying after the commit but before the answer (even to a restarted server)
+        thus never stores a span twice. Lookup and insert share one write transaction, and the
+        span key index backs it up against any other writer.
+        """
         records = [lifecycle.span_record(s) for s in spans]
 
         def op(conn: sqlite3.Connection) -> list[Span]:
             owners: dict[tuple[str, str], tuple[Rollout, Attempt, int]] = {}
+            wanted: dict[tuple[str, str], list[str]] = {}
             for rec in records:  # validate the whole batch before storing any of it
                 key = (rec["rollout_id"], rec["attempt_id"])
                 if key not in owners:
-                    rollout = _get_rollout(conn, key[0])
-                    attempt = _get_attempt(conn, *key)
+                    rollout = q.get_rollout(conn, key[0])
+                    attempt = q.get_attempt(conn, *key)
                     last = conn.execute(
                         "SELECT COALESCE(MAX(sequence_id), 0) FROM spans WHERE rollout_id = ? AND attempt_id = ?", key
                     ).fetchone()[0]
                     owners[key] = (rollout, attempt, last)
+                wanted.setdefault(key, []).append(rec["span_id"])
+            known = {
+                (*key, span_id): span
+                for key, span_ids in wanted.items()
+                for span_id, span in q.stored_spans(conn, *key, span_ids).items()
+            }
             out, rows = [], []
             for rec in records:
-                key = (rec["rollout_id"], rec["attempt_id"])
-                rollout, attempt, last = owners[key]
-                owners[key] = (rollout, attempt, last + 1)
-                out.append(Span.model_validate({**rec, "sequence_id": last + 1}))
-                rows.append(
-                    (
-                        *key, attempt.sequence_id, last + 1, rec["name"], rec["trace_id"], rec["span_id"],
-                        rec["parent_id"], rec["start_time"], rec["end_time"], _dumps(rec["attributes"]),
-                        _dumps(rec["events"]), _dumps(rec["status"]), _dumps(rec["resource"]),
-                    )
-                )  # fmt: skip
-            conn.executemany(
-                "INSERT INTO spans (rollout_id, attempt_id, attempt_seq, sequence_id, name, trace_id, span_id, "
-                "parent_id, start_time, end_time, attributes, events, status, resource) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                rows,
-            )
+                span_key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
+                span = known.get(span_key)
+                if span is not None:  # re-sent, or repeated in this batch
+                    out.append(span.model_copy(deep=True))
+                    continue
+                rollout, attempt, last = owners[span_key[:2]]
+                owners[span_key[:2]] = (rollout, attempt, last + 1)
+                span = known[span_key] = Span.model_validate({**rec, "sequence_id": last + 1})
+                out.append(span)
+                rows.append(span_values(rec, attempt.sequence_id, last + 1))
+            if len(rows) < len(records):
+                log.info("ignoring %d re-sent span(s)", len(records) - len(rows))
+            conn.executemany(f"INSERT INTO spans ({S_INSERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             now = wall_now()
             for rollout, attempt, _ in owners.values():
                 is_latest = attempt.sequence_id == rollout.num_attempts
-                _apply(conn, lifecycle.record_activity(rollout, attempt, is_latest, now))
+                q.apply(conn, lifecycle.record_activity(rollout, attempt, is_latest, now))
             return out
 
         return await self._call(op)
@@ -739,26 +355,26 @@ class SqliteStore(Store):
         lifecycle.check_page(limit, offset)
 
         def op(conn: sqlite3.Connection) -> list[Span]:
-            rollout = _get_rollout(conn, rollout_id)
+            rollout = q.get_rollout(conn, rollout_id)
             where, args = ["rollout_id = ?"], [rollout_id]
             if attempt_id == "latest":
-                latest = _latest_attempt(conn, rollout)
+                latest = q.latest_attempt(conn, rollout)
                 if latest is None:
                     return []
                 where.append("attempt_id = ?")
                 args.append(latest.attempt_id)
             elif attempt_id is not None:
-                _get_attempt(conn, rollout_id, attempt_id)
+                q.get_attempt(conn, rollout_id, attempt_id)
                 where.append("attempt_id = ?")
                 args.append(attempt_id)
             if name is not None:
                 where.append("name = ?")
                 args.append(name)
             sql = (
-                f"SELECT {_S_COLS} FROM spans WHERE {' AND '.join(where)} "
+                f"SELECT {S_COLS} FROM spans WHERE {' AND '.join(where)} "
                 "ORDER BY attempt_seq, sequence_id LIMIT ? OFFSET ?"
             )
-            return [_span(row) for row in conn.execute(sql, (*args, limit, offset))]
+            return [span_from_row(row) for row in conn.execute(sql, (*args, limit, offset))]
 
         return await self._call(op, write=False)
 
@@ -773,9 +389,9 @@ class SqliteStore(Store):
                 {**data, "resources_id": new_id("res"), "version": version, "created_at": wall_now()}
             )
             conn.execute(
-                f"INSERT INTO resources ({_RES_COLS}) VALUES (?,?,?,?,?,?)",
-                (res.resources_id, version, res.created_at, _dumps(data["llms"]), _dumps(data["prompts"]),
-                 _dumps(data["metadata"])),
+                f"INSERT INTO resources ({RES_COLS}) VALUES (?,?,?,?,?,?)",
+                (res.resources_id, version, res.created_at, dumps(data["llms"]), dumps(data["prompts"]),
+                 dumps(data["metadata"])),
             )  # fmt: skip
             return res
 
@@ -783,17 +399,17 @@ class SqliteStore(Store):
 
     async def get_resources(self, resources_id: str) -> Resources:
         def op(conn: sqlite3.Connection) -> Resources:
-            row = conn.execute(f"SELECT {_RES_COLS} FROM resources WHERE resources_id = ?", (resources_id,)).fetchone()
+            row = conn.execute(f"SELECT {RES_COLS} FROM resources WHERE resources_id = ?", (resources_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"resources {resources_id} not found")
-            return _resources(row)
+            return resources_from_row(row)
 
         return await self._call(op, write=False)
 
     async def get_latest_resources(self) -> Resources | None:
         def op(conn: sqlite3.Connection) -> Resources | None:
-            row = conn.execute(f"SELECT {_RES_COLS} FROM resources ORDER BY version DESC LIMIT 1").fetchone()
-            return _resources(row) if row is not None else None
+            row = conn.execute(f"SELECT {RES_COLS} FROM resources ORDER BY version DESC LIMIT 1").fetchone()
+            return resources_from_row(row) if row is not None else None
 
         return await self._call(op, write=False)
 
@@ -801,8 +417,8 @@ class SqliteStore(Store):
         lifecycle.check_page(limit, offset)
 
         def op(conn: sqlite3.Connection) -> list[Resources]:
-            rows = conn.execute(f"SELECT {_RES_COLS} FROM resources ORDER BY version LIMIT ? OFFSET ?", (limit, offset))
-            return [_resources(row) for row in rows]
+            rows = conn.execute(f"SELECT {RES_COLS} FROM resources ORDER BY version LIMIT ? OFFSET ?", (limit, offset))
+            return [resources_from_row(row) for row in rows]
 
         return await self._call(op, write=False)
 
@@ -818,16 +434,16 @@ class SqliteStore(Store):
         metadata: dict[str, Any] | None = None,
     ) -> Worker:
         def op(conn: sqlite3.Connection) -> Worker:
-            row = conn.execute(f"SELECT {_W_COLS} FROM workers WHERE worker_id = ?", (worker_id,)).fetchone()
-            old = _worker(row) if row is not None else Worker(worker_id=worker_id)
+            row = conn.execute(f"SELECT {W_COLS} FROM workers WHERE worker_id = ?", (worker_id,)).fetchone()
+            old = worker_from_row(row) if row is not None else Worker(worker_id=worker_id)
             w = lifecycle.worker_heartbeat(
                 old, status=status, current_rollout_id=current_rollout_id,
                 current_attempt_id=current_attempt_id, metadata=metadata, now=wall_now(),
             )  # fmt: skip
             conn.execute(
-                f"INSERT OR REPLACE INTO workers ({_W_COLS}) VALUES (?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO workers ({W_COLS}) VALUES (?,?,?,?,?,?)",
                 (w.worker_id, w.status.value, w.last_heartbeat, w.current_rollout_id, w.current_attempt_id,
-                 _dumps(w.metadata)),
+                 dumps(w.metadata)),
             )  # fmt: skip
             return w
 
@@ -835,7 +451,7 @@ class SqliteStore(Store):
 
     async def query_workers(self) -> list[Worker]:
         def op(conn: sqlite3.Connection) -> list[Worker]:
-            return [_worker(row) for row in conn.execute(f"SELECT {_W_COLS} FROM workers ORDER BY rowid")]
+            return [worker_from_row(row) for row in conn.execute(f"SELECT {W_COLS} FROM workers ORDER BY rowid")]
 
         return await self._call(op, write=False)
 
@@ -844,14 +460,14 @@ class SqliteStore(Store):
     async def check_timeouts(self, now: float | None = None) -> list[Attempt]:
         def op(conn: sqlite3.Connection) -> tuple[list[Attempt], bool]:
             at = wall_now() if now is None else now
-            rows = conn.execute(f"SELECT {_A_COLS} FROM attempts WHERE status = 'running'").fetchall()
+            rows = conn.execute(f"SELECT {A_COLS} FROM attempts WHERE status = 'running'").fetchall()
             changed, finished = [], False
             for row in rows:
-                attempt = _attempt(row)
-                rollout = _get_rollout(conn, attempt.rollout_id)
+                attempt = attempt_from_row(row)
+                rollout = q.get_rollout(conn, attempt.rollout_id)
                 change = lifecycle.sweep_attempt(rollout, attempt, attempt.sequence_id == rollout.num_attempts, at)
                 if change is not None:
-                    finished = _apply(conn, change) or finished
+                    finished = q.apply(conn, change) or finished
                     changed.append(change.attempt)
             return changed, finished
 

@@ -1,0 +1,123 @@
+"""Statements the SQLite store's operations share; each runs on the DB thread inside the caller's transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from agentkiln.models import Attempt, AttemptedRollout, Rollout, Span
+from agentkiln.models import now as wall_now
+from agentkiln.store import lifecycle
+from agentkiln.store.base import NotFoundError
+from agentkiln.store.sqlite_rows import (
+    A_COLS,
+    R_COLS,
+    S_COLS,
+    attempt_from_row,
+    attempt_values,
+    dumps,
+    rollout_from_row,
+    rollout_values,
+    span_from_row,
+)
+
+WAITING = "status IN ('queuing', 'requeuing')"
+# INDEXED BY: without statistics the planner prefers rollouts_status plus a sort of every waiting row.
+DEQUEUE_SQL = f"SELECT {R_COLS} FROM rollouts INDEXED BY rollouts_waiting WHERE {WAITING} ORDER BY seq LIMIT 1"
+
+
+def get_rollout(conn: sqlite3.Connection, rollout_id: str) -> Rollout:
+    row = conn.execute(f"SELECT {R_COLS} FROM rollouts WHERE rollout_id = ?", (rollout_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"rollout {rollout_id} not found")
+    return rollout_from_row(row)
+
+
+def get_attempt(conn: sqlite3.Connection, rollout_id: str, attempt_id: str) -> Attempt:
+    row = conn.execute(
+        f"SELECT {A_COLS} FROM attempts WHERE attempt_id = ? AND rollout_id = ?", (attempt_id, rollout_id)
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"attempt {attempt_id} of rollout {rollout_id} not found")
+    return attempt_from_row(row)
+
+
+def latest_attempt(conn: sqlite3.Connection, rollout: Rollout) -> Attempt | None:
+    row = conn.execute(
+        f"SELECT {A_COLS} FROM attempts WHERE rollout_id = ? AND sequence_id = ?",
+        (rollout.rollout_id, rollout.num_attempts),
+    ).fetchone()
+    return attempt_from_row(row) if row is not None else None
+
+
+def insert_rollouts(conn: sqlite3.Connection, rollouts: Sequence[Rollout]) -> None:
+    conn.executemany(
+        f"INSERT INTO rollouts ({R_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", [rollout_values(r) for r in rollouts]
+    )
+
+
+def save_rollout(conn: sqlite3.Connection, r: Rollout) -> None:
+    v = rollout_values(r)
+    conn.execute(
+        "UPDATE rollouts SET status=?, mode=?, resources_id=?, config=?, metadata=?, start_time=?, end_time=?, "
+        "num_attempts=? WHERE rollout_id=?",
+        (v[1], v[2], v[4], v[5], v[6], v[8], v[9], v[10], v[0]),
+    )
+
+
+def insert_attempt(conn: sqlite3.Connection, a: Attempt) -> None:
+    conn.execute(f"INSERT INTO attempts ({A_COLS}) VALUES (?,?,?,?,?,?,?,?,?)", attempt_values(a))
+
+
+def save_attempt(conn: sqlite3.Connection, a: Attempt) -> None:
+    v = attempt_values(a)
+    conn.execute(
+        "UPDATE attempts SET worker_id=?, status=?, end_time=?, last_heartbeat=?, error=? WHERE attempt_id=?",
+        (v[3], v[4], v[6], v[7], v[8], v[0]),
+    )
+
+
+def apply(conn: sqlite3.Connection, change: lifecycle.Change) -> bool:
+    """Persist a lifecycle change; True if it finished a rollout (waiters must look)."""
+    if change.attempt is not None:
+        save_attempt(conn, change.attempt)
+    if change.rollout is not None:
+        save_rollout(conn, change.rollout)
+        return change.rollout.status.finished
+    return False
+
+
+def start(conn: sqlite3.Connection, rollout: Rollout, worker_id: str | None) -> AttemptedRollout:
+    change = lifecycle.start_attempt(rollout, worker_id, wall_now())
+    assert change.rollout is not None and change.attempt is not None
+    insert_attempt(conn, change.attempt)
+    save_rollout(conn, change.rollout)
+    return AttemptedRollout(rollout=change.rollout, attempt=change.attempt)
+
+
+def fetch_rollouts(conn: sqlite3.Connection, rollout_ids: Sequence[str]) -> dict[str, Rollout]:
+    rows = conn.execute(
+        f"SELECT {R_COLS} FROM rollouts WHERE rollout_id IN (SELECT value FROM json_each(?))",
+        (dumps(list(rollout_ids)),),
+    ).fetchall()
+    return {row[0]: rollout_from_row(row) for row in rows}
+
+
+def stored_spans(
+    conn: sqlite3.Connection, rollout_id: str, attempt_id: str, span_ids: Sequence[str]
+) -> dict[str, Span]:
+    """Spans of one attempt already stored under these span ids, by span id (the first stored if repeated).
+
+    No ORDER BY: it could tempt the planner off the span key index onto a scan of the attempt.
+    """
+    rows = conn.execute(
+        f"SELECT {S_COLS} FROM spans WHERE rollout_id = ? AND attempt_id = ? "
+        "AND span_id IN (SELECT value FROM json_each(?))",
+        (rollout_id, attempt_id, dumps(list(span_ids))),
+    ).fetchall()
+    found: dict[str, Span] = {}
+    for row in rows:  # repeats exist only in files from before the span key index
+        span = span_from_row(row)
+        if span.span_id not in found or span.sequence_id < found[span.span_id].sequence_id:
+            found[span.span_id] = span
+    return found
