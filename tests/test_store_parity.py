@@ -20,6 +20,7 @@ from agentkiln.models import (
     RolloutConfig,
     RolloutMode,
     RolloutStatus,
+    Span,
     SpanIn,
     WorkerStatus,
 )
@@ -200,6 +201,11 @@ def _span(rid: str, aid: str, name: str = "step", **attrs: object) -> SpanIn:
     return SpanIn(rollout_id=rid, attempt_id=aid, name=name, attributes=dict(attrs))
 
 
+def _resend(span: Span) -> SpanIn:
+    """A stored span as its producer would send it again."""
+    return SpanIn.model_validate(span.model_dump(exclude={"sequence_id"}))
+
+
 async def test_spans_sequence_and_queries(store: Store) -> None:
     cfg = RolloutConfig(max_attempts=2, retry_on=[FailureKind.llm_error])
     await store.enqueue_rollout("x", config=cfg)
@@ -302,7 +308,7 @@ async def test_resent_batch_with_unknown_attempt_still_rejected(store: Store) ->
     rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
     known = await store.add_span(_span(rid, aid))
     with pytest.raises(NotFoundError):
-        await store.add_spans([_span(rid, aid), known, _span(rid, "at-nope")])
+        await store.add_spans([_span(rid, aid), _resend(known), _span(rid, "at-nope")])
     assert await store.query_spans(rid) == [known]
 
 
@@ -413,7 +419,7 @@ async def test_sqlite_old_file_with_repeated_spans_still_opens(
         )
     with caplog.at_level(logging.WARNING, logger="agentkiln.store.sqlite_schema"):
         async with SqliteStore(path) as store:
-            assert await store.add_span(first) == first  # the first stored copy wins
+            assert await store.add_span(_resend(first)) == first  # the first stored copy wins
             assert (await store.add_span(_span(rid, aid))).sequence_id == 3
             assert len(await store.query_spans(rid)) == 3
     assert "without a unique index" in caplog.text
