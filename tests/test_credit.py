@@ -49,7 +49,14 @@ def _rollout(rid: str = "r1", group: str | None = "g") -> tuple[Rollout, list[At
     meta = {"group_id": group} if group else {}
     return (
         Rollout(rollout_id=rid, input={"q": "1+1"}, metadata=meta),
-        [Attempt(attempt_id=f"{rid}-a1" if rid != "r1" else "a1", rollout_id=rid, sequence_id=1, status=AttemptStatus.succeeded)],
+        [
+            Attempt(
+                attempt_id=f"{rid}-a1" if rid != "r1" else "a1",
+                rollout_id=rid,
+                sequence_id=1,
+                status=AttemptStatus.succeeded,
+            )
+        ],
     )
 
 
@@ -77,7 +84,12 @@ def test_discounted_return_to_go_with_two_intermediate_rewards() -> None:
 
 
 def test_step_rewards_attach_to_preceding_call() -> None:
-    events = [RewardEvent(1, 0.25, False), RewardEvent(5, 1.0, False), RewardEvent(9, 3.0, True), RewardEvent(10, 4.0, True)]
+    events = [
+        RewardEvent(1, 0.25, False),
+        RewardEvent(5, 1.0, False),
+        RewardEvent(9, 3.0, True),
+        RewardEvent(10, 4.0, True),
+    ]
     # reward before any call -> first step; only the last final counts.
     assert step_rewards([2, 4, 8], events) == [0.25, 1.0, 4.0]
     assert returns_to_go([1.0, 0.0, 1.0], 0.5) == [1.25, 0.5, 1.0]

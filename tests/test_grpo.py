@@ -100,6 +100,35 @@ def test_micro_batching_gives_the_same_gradient(tiny: Path) -> None:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6), k
 
 
+def test_shared_prompt_path_matches_separate_rows(tiny: Path) -> None:
+    """A GRPO group's prompt run once with a repeated KV cache gives the same log-probs and gradient."""
+    ts = make_transitions(7, seed=3)
+    for t in ts[:5]:
+        t.prompt_ids = list(ts[0].prompt_ids)
+    ts[1].response_ids, ts[1].logprobs, ts[1].response_mask = [5], [-7.0], [1]  # length-1 response
+    results = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        learner = GRPOLearner(tiny, GRPOConfig(lr=0.0, bf16=False, micro_batch_size=4, share_prompt=share))
+        assert any(len(idx) > 1 for idx in learner._micro_batches([learner._item(t) for t in ts]))
+        lps = learner.logprobs(ts)
+        learner.update(ts)
+        grads = {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
+        results.append((lps, grads))
+    (lp_a, g_a), (lp_b, g_b) = results
+    for x, y in zip(lp_a, lp_b):
+        assert x == pytest.approx(y, abs=1e-5)
+    for k in g_a:
+        assert torch.allclose(g_a[k], g_b[k], atol=1e-6), k
+    # A group of response-length-1 rows only (no response forward at all).
+    one = [t.model_copy(update={"response_ids": [7], "logprobs": [-1.0], "response_mask": [1]}) for t in ts[:3]]
+    torch.manual_seed(0)
+    learner = GRPOLearner(tiny, GRPOConfig(bf16=False, share_prompt=True))
+    torch.manual_seed(0)
+    plain = GRPOLearner(tiny, GRPOConfig(bf16=False, share_prompt=False))
+    assert learner.logprobs(one)[0] == pytest.approx(plain.logprobs(one)[0], abs=1e-5)
+
+
 def test_masked_and_zero_advantage_tokens_do_not_train(tiny: Path) -> None:
     learner = GRPOLearner(tiny, GRPOConfig(lr=1e-2))
     lora0 = lora_state(learner)
@@ -198,7 +227,11 @@ def test_real_model_grpo_moves_logprobs_toward_rewarded_samples() -> None:
     k = 8
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = learner.model.generate(
-            input_ids=torch.tensor([prompt] * k), do_sample=True, temperature=1.0, max_new_tokens=10, pad_token_id=tok.pad_token_id
+            input_ids=torch.tensor([prompt] * k),
+            do_sample=True,
+            temperature=1.0,
+            max_new_tokens=10,
+            pad_token_id=tok.pad_token_id,
         )
     responses = [row[len(prompt) :].tolist() for row in out]
     responses = [r[: r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in responses]
@@ -212,9 +245,17 @@ def test_real_model_grpo_moves_logprobs_toward_rewarded_samples() -> None:
     assert 0 < sum(rewards) < k, (responses, chosen)
     mean = sum(rewards) / k
     std = (sum((r - mean) ** 2 for r in rewards) / k) ** 0.5
-    base = [Transition(rollout_id=f"r{i}", attempt_id="a", step=0, prompt_ids=prompt, response_ids=r, logprobs=[0.0] * len(r)) for i, r in enumerate(responses)]
+    base = [
+        Transition(
+            rollout_id=f"r{i}", attempt_id="a", step=0, prompt_ids=prompt, response_ids=r, logprobs=[0.0] * len(r)
+        )
+        for i, r in enumerate(responses)
+    ]
     old = learner.logprobs(base)
-    ts = [t.model_copy(update={"logprobs": lp, "advantage": (rw - mean) / (std + 1e-6)}) for t, lp, rw in zip(base, old, rewards)]
+    ts = [
+        t.model_copy(update={"logprobs": lp, "advantage": (rw - mean) / (std + 1e-6)})
+        for t, lp, rw in zip(base, old, rewards)
+    ]
 
     def mean_lp(lps: list[list[float]], want: float) -> float:
         vals = [sum(lp) / len(lp) for lp, rw in zip(lps, rewards) if rw == want]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from agentkiln.adapter.credit import CreditConfig
 from agentkiln.adapter.export import from_dataset, read_jsonl, to_dataset, write_jsonl
-from agentkiln.adapter.transitions import SkipReason, build_batch, build_transitions
+from agentkiln.adapter.transitions import build_batch, build_transitions
 from agentkiln.models import Attempt, AttemptStatus, Rollout, Span, SpanAttrs, SpanNames
 
 
@@ -14,7 +14,9 @@ def llm(seq: int, prompt, resp, *, agent="solver", aid="a2", rid="r1", logprobs=
     attrs = {
         SpanAttrs.prompt_token_ids: list(prompt),
         SpanAttrs.response_token_ids: list(resp),
-        SpanAttrs.response_logprobs: list(logprobs) if logprobs is not None else [-0.1 * (i + 1) for i in range(len(resp))],
+        SpanAttrs.response_logprobs: list(logprobs)
+        if logprobs is not None
+        else [-0.1 * (i + 1) for i in range(len(resp))],
         SpanAttrs.agent_name: agent,
         SpanAttrs.finish_reason: finish,
         SpanAttrs.model_version: "v3",
@@ -56,7 +58,12 @@ def test_one_transition_per_call_in_order() -> None:
 
 
 def test_agent_regex_selection() -> None:
-    spans = [llm(1, [1], [2], agent="planner"), llm(2, [1], [3], agent="solver-v2"), llm(3, [1], [4], agent=None), reward(4, 1.0)]
+    spans = [
+        llm(1, [1], [2], agent="planner"),
+        llm(2, [1], [3], agent="solver-v2"),
+        llm(3, [1], [4], agent=None),
+        reward(4, 1.0),
+    ]
     spans[2].attributes.pop(SpanAttrs.agent_name)
     res = build_transitions(ROLLOUT, ATTEMPTS, spans, agent_match=r"^solver")
     assert [t.response_ids for t in res.transitions] == [[3]]
@@ -68,7 +75,13 @@ def test_agent_regex_selection() -> None:
 def test_skip_reasons() -> None:
     spans = [
         llm(1, [1], [2]),
-        Span(rollout_id="r1", attempt_id="a2", name=SpanNames.llm_call, sequence_id=2, attributes={SpanAttrs.agent_name: "solver"}),
+        Span(
+            rollout_id="r1",
+            attempt_id="a2",
+            name=SpanNames.llm_call,
+            sequence_id=2,
+            attributes={SpanAttrs.agent_name: "solver"},
+        ),
         llm(3, [1], []),
         llm(4, [1], [2, 3], logprobs=[-0.1]),
         llm(5, [1], [2], logprobs=[float("-inf")]),
@@ -148,7 +161,10 @@ def test_merge_continuing_turns_masks_inserted_tokens() -> None:
     # Three-way chain and no merge across agents.
     p4 = p2 + r2 + [33]
     chain = build_transitions(
-        ROLLOUT, ATTEMPTS, [llm(1, p1, r1), llm(2, p2, r2), llm(3, p4, [41]), llm(4, p4 + [41], [42], agent="other")], merge=True
+        ROLLOUT,
+        ATTEMPTS,
+        [llm(1, p1, r1), llm(2, p2, r2), llm(3, p4, [41]), llm(4, p4 + [41], [42], agent="other")],
+        merge=True,
     )
     assert [t.response_mask for t in chain.transitions] == [[1, 1, 0, 0, 0, 1, 0, 1], [1]]
     unmerged = build_transitions(ROLLOUT, ATTEMPTS, spans, merge=False)
@@ -159,7 +175,13 @@ def test_merged_discounted_rewards_sum_within_merged_step() -> None:
     p1, r1 = [1], [2]
     spans = [
         llm(1, p1, r1),
-        Span(rollout_id="r1", attempt_id="a2", name=SpanNames.reward, sequence_id=2, attributes={SpanAttrs.reward_value: 0.5}),
+        Span(
+            rollout_id="r1",
+            attempt_id="a2",
+            name=SpanNames.reward,
+            sequence_id=2,
+            attributes={SpanAttrs.reward_value: 0.5},
+        ),
         llm(3, p1 + r1 + [3], [4]),
         reward(4, 1.0),
     ]

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal
 
 from agentkiln.models import Rollout, Span, SpanAttrs, SpanNames, Transition
 
@@ -40,8 +41,8 @@ class CreditConfig:
 
     mode: CreditMode = "final"
     gamma: float = 1.0
-    reward_name: Optional[str] = None
-    missing_reward: Optional[float] = 0.0
+    reward_name: str | None = None
+    missing_reward: float | None = 0.0
     scale_by_std: bool = True
     eps: float = 1e-6
 
@@ -62,7 +63,7 @@ class RewardEvent:
     name: str = "primary"
 
 
-def reward_events(spans: Iterable[Span], reward_name: Optional[str] = None) -> list[RewardEvent]:
+def reward_events(spans: Iterable[Span], reward_name: str | None = None) -> list[RewardEvent]:
     """Reward spans (of one attempt) in sequence order, filtered by name; non-finite values are dropped."""
     events: list[RewardEvent] = []
     for span in spans:
@@ -83,7 +84,7 @@ def reward_events(spans: Iterable[Span], reward_name: Optional[str] = None) -> l
     return events
 
 
-def final_reward(events: Sequence[RewardEvent]) -> Optional[float]:
+def final_reward(events: Sequence[RewardEvent]) -> float | None:
     """The last final-flagged reward; an agent that only emits intermediate rewards is scored by their sum."""
     finals = [e.value for e in events if e.final]
     if finals:
@@ -161,7 +162,7 @@ def group_advantages(
     return adv
 
 
-def assign_advantages(results: Iterable[Any], config: CreditConfig = CreditConfig()) -> list[Transition]:
+def assign_advantages(results: Iterable[Any], config: CreditConfig | None = None) -> list[Transition]:
     """Set `advantage` on every transition of the given adapter results; returns all their transitions.
 
     `results` are `AdapterResult`s (anything with rollout_id, group_id, rollout_return, transitions).
@@ -169,6 +170,7 @@ def assign_advantages(results: Iterable[Any], config: CreditConfig = CreditConfi
     A rollout whose LLM calls were all skipped still counts in its group's mean and std, since its
     outcome is a sample of the task's reward all the same.
     """
+    config = config or CreditConfig()
     results = list(results)
     returns = {r.rollout_id: r.rollout_return for r in results if r.rollout_return is not None}
     groups = {r.rollout_id: r.group_id for r in results}

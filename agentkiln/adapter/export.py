@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from agentkiln.models import Transition
 
@@ -48,7 +49,7 @@ def read_jsonl(path: str | Path) -> list[Transition]:
     return out
 
 
-def to_dataset(transitions: Iterable[Transition]) -> "datasets.Dataset":
+def to_dataset(transitions: Iterable[Transition]) -> datasets.Dataset:
     """A Hugging Face Dataset with one row per transition (columns = wire field names)."""
     import datasets
 
@@ -59,5 +60,5 @@ def to_dataset(transitions: Iterable[Transition]) -> "datasets.Dataset":
     return datasets.Dataset.from_list(records)
 
 
-def from_dataset(ds: "datasets.Dataset") -> list[Transition]:
+def from_dataset(ds: datasets.Dataset) -> list[Transition]:
     return [Transition.model_validate(row) for row in ds]

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 from agentkiln.adapter.credit import (
     CreditConfig,
@@ -51,7 +52,7 @@ class SkippedCall:
     attempt_id: str
     sequence_id: int
     reason: SkipReason
-    agent: Optional[str] = None
+    agent: str | None = None
     detail: str = ""
 
 
@@ -61,8 +62,8 @@ class AdapterResult:
 
     rollout_id: str
     group_id: str
-    attempt_id: Optional[str] = None
-    rollout_return: Optional[float] = None
+    attempt_id: str | None = None
+    rollout_return: float | None = None
     transitions: list[Transition] = field(default_factory=list)
     report: list[SkippedCall] = field(default_factory=list)
 
@@ -72,26 +73,26 @@ class _Call:
     """One selected LLM call (or several merged ones) on its way to a Transition."""
 
     sequence_id: int
-    agent: Optional[str]
+    agent: str | None
     prompt_ids: list[int]
     response_ids: list[int]
     logprobs: list[float]
     mask: list[int]
-    model_version: Optional[str]
+    model_version: str | None
 
 
-def _select_attempt(rollout: Rollout, attempts: Iterable[Attempt]) -> Optional[Attempt]:
+def _select_attempt(rollout: Rollout, attempts: Iterable[Attempt]) -> Attempt | None:
     own = [a for a in attempts if a.rollout_id == rollout.rollout_id]
     return max(own, key=lambda a: a.sequence_id) if own else None
 
 
-def _reason_for_other_attempt(attempt: Optional[Attempt]) -> SkipReason:
+def _reason_for_other_attempt(attempt: Attempt | None) -> SkipReason:
     if attempt is not None and attempt.status in (AttemptStatus.failed, AttemptStatus.timeout, AttemptStatus.cancelled):
         return SkipReason.failed_attempt
     return SkipReason.stale_attempt
 
 
-def _int_list(value: Any) -> Optional[list[int]]:
+def _int_list(value: Any) -> list[int] | None:
     if not isinstance(value, (list, tuple)):
         return None
     try:
@@ -100,7 +101,9 @@ def _int_list(value: Any) -> Optional[list[int]]:
         return None
 
 
-def _check_call(span: Span, agent_re: Optional[re.Pattern[str]], keep_truncated: bool) -> tuple[Optional[_Call], Optional[SkipReason], str]:
+def _check_call(
+    span: Span, agent_re: re.Pattern[str] | None, keep_truncated: bool
+) -> tuple[_Call | None, SkipReason | None, str]:
     attrs = span.attributes
     agent = attrs.get(SpanAttrs.agent_name)
     if agent_re is not None and (agent is None or agent_re.search(str(agent)) is None):
@@ -148,14 +151,26 @@ def _merge(calls: Sequence[_Call]) -> list[_Call]:
         if merged:
             cur = merged[-1]
             history = cur.prompt_ids + cur.response_ids
-            if cur.agent == call.agent and len(call.prompt_ids) >= len(history) and call.prompt_ids[: len(history)] == history:
+            if (
+                cur.agent == call.agent
+                and len(call.prompt_ids) >= len(history)
+                and call.prompt_ids[: len(history)] == history
+            ):
                 inserted = call.prompt_ids[len(history) :]
                 cur.response_ids = cur.response_ids + inserted + call.response_ids
                 cur.logprobs = cur.logprobs + [0.0] * len(inserted) + call.logprobs
                 cur.mask = cur.mask + [0] * len(inserted) + call.mask
                 continue
         merged.append(
-            _Call(call.sequence_id, call.agent, list(call.prompt_ids), list(call.response_ids), list(call.logprobs), list(call.mask), call.model_version)
+            _Call(
+                call.sequence_id,
+                call.agent,
+                list(call.prompt_ids),
+                list(call.response_ids),
+                list(call.logprobs),
+                list(call.mask),
+                call.model_version,
+            )
         )
     return merged
 
@@ -165,8 +180,8 @@ def build_transitions(
     attempts: Iterable[Attempt],
     spans: Iterable[Span],
     *,
-    agent_match: Optional[str] = None,
-    credit: CreditConfig = CreditConfig(),
+    agent_match: str | None = None,
+    credit: CreditConfig | None = None,
     merge: bool = False,
     keep_truncated: bool = True,
 ) -> AdapterResult:
@@ -180,6 +195,7 @@ def build_transitions(
     Returns/advantages: `reward` is the step's immediate reward, `return_` the credit-assigned
     return; `advantage` stays 0 until `credit.assign_advantages` sees the whole group.
     """
+    credit = credit or CreditConfig()
     attempts = list(attempts)
     by_id = {a.attempt_id: a for a in attempts}
     chosen = _select_attempt(rollout, attempts)
@@ -203,7 +219,9 @@ def build_transitions(
         else:
             reason = _reason_for_other_attempt(by_id.get(span.attempt_id))
         result.report.append(
-            SkippedCall(rollout.rollout_id, span.attempt_id, span.sequence_id, reason, span.attributes.get(SpanAttrs.agent_name))
+            SkippedCall(
+                rollout.rollout_id, span.attempt_id, span.sequence_id, reason, span.attributes.get(SpanAttrs.agent_name)
+            )
         )
     if not usable:
         return result
@@ -220,14 +238,22 @@ def build_transitions(
         if call is None:
             assert reason is not None
             result.report.append(
-                SkippedCall(rollout.rollout_id, span.attempt_id, span.sequence_id, reason, span.attributes.get(SpanAttrs.agent_name), detail)
+                SkippedCall(
+                    rollout.rollout_id,
+                    span.attempt_id,
+                    span.sequence_id,
+                    reason,
+                    span.attributes.get(SpanAttrs.agent_name),
+                    detail,
+                )
             )
         else:
             calls.append(call)
 
     if not events:
         result.report.extend(
-            SkippedCall(rollout.rollout_id, chosen.attempt_id, c.sequence_id, SkipReason.no_reward, c.agent) for c in calls
+            SkippedCall(rollout.rollout_id, chosen.attempt_id, c.sequence_id, SkipReason.no_reward, c.agent)
+            for c in calls
         )
         return result
 
@@ -269,12 +295,13 @@ def build_transitions(
 def build_batch(
     items: Iterable[tuple[Rollout, Sequence[Attempt], Sequence[Span]]],
     *,
-    agent_match: Optional[str] = None,
-    credit: CreditConfig = CreditConfig(),
+    agent_match: str | None = None,
+    credit: CreditConfig | None = None,
     merge: bool = False,
     keep_truncated: bool = True,
 ) -> tuple[list[Transition], list[SkippedCall]]:
     """Adapt many rollouts and assign GRPO advantages across their groups in one go."""
+    credit = credit or CreditConfig()
     results = [
         build_transitions(r, a, s, agent_match=agent_match, credit=credit, merge=merge, keep_truncated=keep_truncated)
         for r, a, s in items

@@ -16,6 +16,7 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -23,9 +24,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -58,22 +60,25 @@ class GRPOConfig:
     epochs: optimizer steps over the same batch (one per epoch; micro-batches accumulate).
     skip_zero_advantage: with kl_coef 0 a zero-advantage transition has zero gradient, so it
         is not forwarded (its tokens still count in the token mean).
+    share_prompt: run a prompt shared by several transitions (a GRPO group) once per
+        micro-batch and reuse its KV cache (same loss; saves the prompt's cost k-1 times).
     logits_chunk: above this many response tokens per micro-batch, the output layer runs in
         checkpointed chunks so the [tokens, vocab] logits are never all alive at once.
     """
 
     lr: float = 1e-4
     clip_eps: float = 0.2
-    clip_eps_high: Optional[float] = None
+    clip_eps_high: float | None = None
     kl_coef: float = 0.0
     micro_batch_size: int = 8
     epochs: int = 1
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    lora: Optional[LoraSettings] = field(default_factory=LoraSettings)
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
     bf16: bool = True
     skip_zero_advantage: bool = True
     logits_chunk: int = 2048
+    share_prompt: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -82,7 +87,7 @@ class GRPOConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GRPOConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GRPOConfig:
         d = dict(d)
         lora = d.pop("lora", None)
         if lora is not None:
@@ -99,7 +104,6 @@ class _Item:
     old_logprobs: list[float]
     mask: list[float]
     advantage: float
-    ref_logprobs: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -113,9 +117,15 @@ class _Batch:
     mask: torch.Tensor
     advantages: torch.Tensor  # [N] (per-rollout advantage repeated per token)
     lengths: list[int]  # response length per row, to split [N] back per sequence
+    tokens: int = 0  # prompt + response tokens of all rows (what "tokens/s" counts)
+    prefix_ids: torch.Tensor | None = None  # [1, P] prompt shared by every row; input_ids then hold responses
 
 
-def _collate(items: Sequence[_Item], pad_id: int) -> _Batch:
+def _collate(items: Sequence[_Item], pad_id: int, share: bool = False) -> _Batch:
+    if share and len(items) > 1 and all(it.prompt_len == items[0].prompt_len for it in items):
+        p = items[0].prompt_len
+        if all(it.ids[:p] == items[0].ids[:p] for it in items):
+            return _collate_shared(items, pad_id)
     width = max(len(it.ids) - 1 for it in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(items), width), dtype=torch.long)
@@ -142,6 +152,45 @@ def _collate(items: Sequence[_Item], pad_id: int) -> _Batch:
         mask=torch.tensor(mask, dtype=torch.float32),
         advantages=torch.tensor(adv, dtype=torch.float32),
         lengths=lengths,
+        tokens=sum(len(it.ids) for it in items),
+    )
+
+
+def _collate_shared(items: Sequence[_Item], pad_id: int) -> _Batch:
+    """Rows share one prompt: it is run once and its KV cache repeated, the rows carry only responses.
+
+    Hidden-state index j of a row predicts response token j: index 0 is the prompt's last
+    position (shared), index j > 0 is the row's response token j - 1.
+    """
+    p = items[0].prompt_len
+    width = max(len(it.ids) - p - 1 for it in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    rows, positions, targets, old, mask, adv, lengths = [], [], [], [], [], [], []
+    for b, it in enumerate(items):
+        resp = it.ids[p:]
+        n = len(resp)
+        input_ids[b, : n - 1] = torch.tensor(resp[:-1], dtype=torch.long)
+        attention[b, : n - 1] = 1
+        rows.extend([b] * n)
+        positions.extend(range(n))
+        targets.extend(resp)
+        old.extend(it.old_logprobs)
+        mask.extend(it.mask)
+        adv.extend([it.advantage] * n)
+        lengths.append(n)
+    return _Batch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        rows=torch.tensor(rows, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        old_logprobs=torch.tensor(old, dtype=torch.float32),
+        mask=torch.tensor(mask, dtype=torch.float32),
+        advantages=torch.tensor(adv, dtype=torch.float32),
+        lengths=lengths,
+        tokens=sum(len(it.ids) for it in items),
+        prefix_ids=torch.tensor([items[0].ids[:p]], dtype=torch.long),
     )
 
 
@@ -155,7 +204,7 @@ def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
 class GRPOLearner:
     """Holds the policy (peft LoRA or full), the optimizer and an optional KL reference."""
 
-    def __init__(self, model_dir: str | Path, config: Optional[GRPOConfig] = None) -> None:
+    def __init__(self, model_dir: str | Path, config: GRPOConfig | None = None) -> None:
         from agentkiln.engine.model_files import load_model
 
         self.model_dir = Path(model_dir)
@@ -163,7 +212,7 @@ class GRPOLearner:
         cfg = self.config
         base = load_model(self.model_dir, "float32")
         self.pad_id = int(base.config.pad_token_id if base.config.pad_token_id is not None else 0)
-        self.ref_model: Optional[torch.nn.Module] = None
+        self.ref_model: torch.nn.Module | None = None
         if cfg.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -186,7 +235,9 @@ class GRPOLearner:
         self.step = 0
         self.tokens_seen = 0
         n_train = sum(p.numel() for p in self.trainable)
-        log.info("GRPO learner on %s: %s trainable parameters (%s)", self.model_dir, n_train, "LoRA" if cfg.lora else "full")
+        log.info(
+            "GRPO learner on %s: %s trainable parameters (%s)", self.model_dir, n_train, "LoRA" if cfg.lora else "full"
+        )
 
     # ------------------------------------------------------------------ log-probs
 
@@ -203,7 +254,10 @@ class GRPOLearner:
         decoder = causal.base_model  # the decoder stack (LlamaModel), without the output layer
         head = causal.get_output_embeddings()
         with self._autocast():
-            hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            if batch.prefix_ids is None:
+                hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            else:
+                hidden = self._shared_prefix_hidden(decoder, batch)
         picked = hidden[batch.rows, batch.positions]
         n, chunk = picked.shape[0], max(1, self.config.logits_chunk)
         if n <= chunk:
@@ -213,6 +267,26 @@ class GRPOLearner:
             for i in range(0, n, chunk)
         ]
         return torch.cat(parts)
+
+    @staticmethod
+    def _shared_prefix_hidden(decoder: torch.nn.Module, batch: _Batch) -> torch.Tensor:
+        """[B, 1 + W, H]: prompt run once (batch 1), its KV cache repeated for the response rows.
+
+        Gradients flow through the shared cache into the prompt's computation, so this is the
+        same loss as running every row in full, with the prompt's cost paid once per group.
+        Rows are right-padded, so causal attention keeps padding out of real tokens' outputs.
+        """
+        rows = batch.input_ids.shape[0]
+        out = decoder(input_ids=batch.prefix_ids, use_cache=True)
+        last = out.last_hidden_state[:, -1:]
+        if batch.input_ids.shape[1] == 0:
+            return last.expand(rows, 1, last.shape[-1])
+        # transformers 5.24 renamed past_key_values to cache; accept both spellings.
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        cache.batch_repeat_interleave(rows)
+        kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        suffix = decoder(input_ids=batch.input_ids, use_cache=True, **{kw: cache}).last_hidden_state
+        return torch.cat([last.expand(rows, 1, last.shape[-1]), suffix], dim=1)
 
     @contextlib.contextmanager
     def _reference(self) -> Iterator[torch.nn.Module]:
@@ -233,7 +307,7 @@ class GRPOLearner:
         self.model.eval()
         try:
             for idx in self._micro_batches(items):
-                batch = _collate([items[i] for i in idx], self.pad_id)
+                batch = _collate([items[i] for i in idx], self.pad_id, self.config.share_prompt)
                 if reference:
                     with self._reference() as ref:
                         lp = self._token_logprobs(ref, batch)
@@ -252,7 +326,9 @@ class GRPOLearner:
         if not t.prompt_ids or not t.response_ids:
             raise ValueError(f"transition {t.rollout_id}/{t.step} has an empty prompt or response")
         if len(t.logprobs) != len(t.response_ids):
-            raise ValueError(f"transition {t.rollout_id}/{t.step}: {len(t.logprobs)} logprobs for {len(t.response_ids)} tokens")
+            raise ValueError(
+                f"transition {t.rollout_id}/{t.step}: {len(t.logprobs)} logprobs for {len(t.response_ids)} tokens"
+            )
         mask = t.response_mask if t.response_mask else [1] * len(t.response_ids)
         if len(mask) != len(t.response_ids):
             raise ValueError(f"transition {t.rollout_id}/{t.step}: mask length differs from the response")
@@ -265,10 +341,32 @@ class GRPOLearner:
         )
 
     def _micro_batches(self, items: Sequence[_Item]) -> list[list[int]]:
-        """Indices grouped by length (less padding), micro_batch_size sequences each."""
-        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+        """Indices in micro-batches of micro_batch_size sequences.
+
+        With share_prompt, transitions with the same prompt (a GRPO group) are batched together
+        so the prompt runs once per micro-batch; the rest are sorted by length (less padding).
+        """
         size = max(1, self.config.micro_batch_size)
-        return [order[i : i + size] for i in range(0, len(order), size)]
+
+        def by_len(i: int) -> int:
+            return len(items[i].ids)
+
+        rest = list(range(len(items)))
+        out: list[list[int]] = []
+        if self.config.share_prompt:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, it in enumerate(items):
+                groups.setdefault(tuple(it.ids[: it.prompt_len]), []).append(i)
+            rest = []
+            for idx in groups.values():
+                if len(idx) == 1:
+                    rest.extend(idx)
+                    continue
+                idx.sort(key=by_len)
+                out.extend(idx[i : i + size] for i in range(0, len(idx), size))
+        rest.sort(key=by_len)
+        out.extend(rest[i : i + size] for i in range(0, len(rest), size))
+        return out
 
     def update(self, transitions: Sequence[Transition]) -> dict[str, float]:
         """One GRPO update (config.epochs optimizer steps) on a batch; returns metrics."""
@@ -280,11 +378,11 @@ class GRPOLearner:
         if total_tokens == 0:
             log.warning("GRPO update skipped: no trainable tokens")
             return {**metrics, "optimizer_steps": 0.0, "step": float(self.step)}
-        active = [
-            it for it in items if not (cfg.skip_zero_advantage and cfg.kl_coef == 0 and it.advantage == 0.0)
+        active = [it for it in items if not (cfg.skip_zero_advantage and cfg.kl_coef == 0 and it.advantage == 0.0)]
+        batches = [
+            _collate([active[i] for i in idx], self.pad_id, cfg.share_prompt) for idx in self._micro_batches(active)
         ]
-        batches = [_collate([active[i] for i in idx], self.pad_id) for idx in self._micro_batches(active)]
-        refs: list[Optional[torch.Tensor]] = [None] * len(batches)
+        refs: list[torch.Tensor | None] = [None] * len(batches)
         if cfg.kl_coef > 0:
             self.model.eval()
             with torch.no_grad(), self._reference() as ref:
@@ -320,7 +418,7 @@ class GRPOLearner:
                     sums["ratio"] += float((ratio * m).sum())
                     sums["approx_kl_old"] += float((0.5 * log_ratio**2 * m).sum())
                     counted += float(m.sum())
-                forwarded += int(batch.attention_mask.sum()) + batch.input_ids.shape[0]  # + each dropped last token
+                forwarded += batch.tokens
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm))
             if not math.isfinite(grad_norm):
                 log.warning("non-finite gradient norm; optimizer step skipped")
@@ -413,7 +511,9 @@ class GRPOLearner:
             missing, unexpected = self.model.load_state_dict(weights, strict=False)
             tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
             if unexpected or set(missing) - tied:
-                raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise ValueError(
+                    f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
         state = torch.load(path / TRAINER_STATE, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])

@@ -21,6 +21,9 @@ def main() -> None:
         level=os.environ.get("KILN_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Per-request client logs drown out progress; keep them for debugging only.
+    for noisy in ("httpx", "httpx2", "httpcore", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     for module in COMMAND_MODULES:
         importlib.import_module(module)
     app()

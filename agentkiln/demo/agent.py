@@ -1,7 +1,7 @@
 """The demo agent: plain `openai` SDK code with a calculator tool, unchanged by AgentKiln.
 
-The only AgentKiln touch is the decorator: the runner hands it an LLM handle whose
-base_url points at the gateway for this rollout, so every call is recorded.
+AgentKiln's only touch is the `llm` handle the runner passes in: its base_url points at the
+gateway route of this rollout/attempt, so every call is recorded for training.
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ from openai import OpenAI
 
 from agentkiln.demo.calculator import CalculatorError, evaluate, format_number
 
-SYSTEM_PROMPT = (
-    "You are a math assistant. Always use the calculator tool to compute. "
-    "When you get the tool result, reply with the final number only."
-)
+SYSTEM_PROMPT = "You are a math assistant. Use the calculator tool, then reply with the final number only."
 
 CALCULATOR_TOOL: dict[str, Any] = {
     "type": "function",
@@ -32,22 +29,33 @@ CALCULATOR_TOOL: dict[str, Any] = {
     },
 }
 
-# One worked example in the conversation: the model copies formats far better than it follows instructions.
+
+
+def _worked_example(question: str, expression: str, answer: int, call_id: str) -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": question},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": str(answer)},
+        {"role": "assistant", "content": str(answer)},
+    ]
+
+
+# Worked examples in the conversation: a small model copies formats far better than it follows
+# instructions. Untrained, it still often answers from its (weak) mental arithmetic instead.
 FEW_SHOT: list[dict[str, Any]] = [
-    {"role": "user", "content": "What is 15 + 27?"},
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {
-                "id": "call_example",
-                "type": "function",
-                "function": {"name": "calculator", "arguments": json.dumps({"expression": "15 + 27"})},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "call_example", "content": "42"},
-    {"role": "assistant", "content": "42"},
+    *_worked_example("What is 15 + 27?", "15 + 27", 42, "call_1"),
+    *_worked_example("Ana has 120 coins and gives away 45. How many coins are left?", "120 - 45", 75, "call_2"),
+    *_worked_example("There are 12 boxes with 9 pens in each. How many pens are there?", "12 * 9", 108, "call_3"),
 ]
 
 MAX_TURNS = 3
@@ -94,6 +102,6 @@ def calculator_agent(task: dict[str, Any], llm: Any, rollout: Any) -> float:
     """Kiln entry point: sample during training, answer greedily during validation."""
     client = OpenAI(base_url=llm.base_url, api_key=llm.api_key, max_retries=2, timeout=300)
     mode = getattr(rollout.mode, "value", rollout.mode)
-    temperature = 0.0 if mode in ("val", "test") else float(llm.sampling.get("temperature", 1.0))
+    temperature = 0.0 if mode in ("val", "test") else float(llm.sampling.get("temperature", 0.7))
     final = solve(client, llm.model, task["question"], temperature=temperature)
     return score(task, final)

@@ -27,13 +27,11 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
+# Kept short on purpose: a 135M model follows a compact instruction plus in-context examples
+# far better than a long one, and every prompt token costs training time.
 _TOOL_INSTRUCTIONS = (
-    "You can call the following tools. Their definitions (JSON Schema) are inside <tools></tools>:\n"
-    "<tools>\n{tools}\n</tools>\n"
-    "To call a tool, reply with one line per call, exactly in this form and with nothing else:\n"
-    '<tool_call>{{"name": "<tool name>", "arguments": {{<arguments as a JSON object>}}}}</tool_call>\n'
-    "Tool results will come back inside <tool_response></tool_response>. "
-    "When you have what you need, answer the user in plain text without <tool_call>."
+    "Tools:\n{tools}\n"
+    'To use a tool, reply only with <tool_call>{{"name": "<tool name>", "arguments": {{<JSON arguments>}}}}</tool_call>'
 )
 
 
@@ -100,8 +98,10 @@ def _assistant_text(msg: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _tool_response_text(msg: dict[str, Any]) -> str:
-    attrs = "".join(f' {k}="{msg[k]}"' for k in ("name", "tool_call_id") if msg.get(k))
+def _tool_response_text(msg: dict[str, Any], call_names: dict[str, str]) -> str:
+    """Names the tool (from the message or its call) but not the opaque call id, which small models copy."""
+    name = msg.get("name") or call_names.get(str(msg.get("tool_call_id")))
+    attrs = f' name="{name}"' if name else ""
     return f"<tool_response{attrs}>\n{content_text(msg.get('content'))}\n</tool_response>"
 
 
@@ -116,14 +116,19 @@ def chat_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | Non
     if tools:
         system = f"{system}\n\n{tools_system_text(tools)}" if system else tools_system_text(tools)
     turns.append(("system", system))
+    call_names: dict[str, str] = {}
     for msg in msgs:
         role = msg.get("role")
         if role in ("system", "developer"):
             turns.append(("system", content_text(msg.get("content"))))
         elif role == "assistant":
+            for call in msg.get("tool_calls") or []:
+                fn = call.get("function", call)
+                if call.get("id") and fn.get("name"):
+                    call_names[str(call["id"])] = str(fn["name"])
             turns.append(("assistant", _assistant_text(msg)))
         elif role in ("tool", "function"):
-            text = _tool_response_text(msg)
+            text = _tool_response_text(msg, call_names)
             if turns and turns[-1][0] == "user" and turns[-1][1].startswith("<tool_response"):
                 turns[-1] = ("user", f"{turns[-1][1]}\n{text}")
             else:
