@@ -13,7 +13,13 @@ TRL takes old logprobs = detached current ones (no extra pass), like our recorde
 path. The optimizer step (trainer.create_optimizer(), AdamW, lr 1e-5) and clipping are done
 by hand after training_step, as Trainer's loop would.
 
-Run: HF_HUB_OFFLINE=1 python bench/bench_grpo.py [--steps 3] [--trl-bf16]
+Contenders: GRPOLearner with the group's shared prompt run once (default), GRPOLearner with
+every row run in full (share_prompt=False, the like-for-like comparison), TRL. "tok/s" counts
+prompt + completion tokens of every row for all of them, whatever each actually computes.
+The contenders run interleaved, one step each per round, so load from other processes on the
+machine hits them alike; the first round is warm-up; medians are reported.
+
+Run: HF_HUB_OFFLINE=1 python bench/bench_grpo.py [--steps 3] [--trl-bf16] [--ours-fp32]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import random
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -37,7 +44,11 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def make_batch(tok, k: int, min_len: int, max_len: int, seed: int) -> tuple[list[int], list[list[int]], list[float]]:
     rng = random.Random(seed)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7? Answer with a number."}], add_generation_prompt=True, tokenize=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 12 + 7? Answer with a number."}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )
     if hasattr(prompt, "keys"):
         prompt = prompt["input_ids"]
     completions = [[rng.randrange(100, 40000) for _ in range(rng.randint(min_len, max_len))] for _ in range(k)]
@@ -45,23 +56,36 @@ def make_batch(tok, k: int, min_len: int, max_len: int, seed: int) -> tuple[list
     return list(prompt), completions, advantages
 
 
-def time_ours(model_dir, prompt, completions, advantages, steps: int, bf16: bool) -> list[float]:
+def ours_step(model_dir, prompt, completions, advantages, bf16: bool, share: bool = True) -> Callable[[], None]:
+    """Build a GRPOLearner; return a function doing one update on the fixed batch."""
     torch.manual_seed(0)
-    learner = GRPOLearner(model_dir, GRPOConfig(lr=1e-5, micro_batch_size=len(completions), bf16=bf16, lora=LoraSettings(r=16, alpha=32, target_modules=TARGETS)))
+    learner = GRPOLearner(
+        model_dir,
+        GRPOConfig(
+            lr=1e-5,
+            share_prompt=share,
+            micro_batch_size=len(completions),
+            bf16=bf16,
+            lora=LoraSettings(r=16, alpha=32, target_modules=TARGETS),
+        ),
+    )
     ts = [
-        Transition(rollout_id=f"r{i}", attempt_id="a", step=0, prompt_ids=prompt, response_ids=c, logprobs=[-5.0] * len(c), advantage=a)
+        Transition(
+            rollout_id=f"r{i}",
+            attempt_id="a",
+            step=0,
+            prompt_ids=prompt,
+            response_ids=c,
+            logprobs=[-5.0] * len(c),
+            advantage=a,
+        )
         for i, (c, a) in enumerate(zip(completions, advantages))
     ]
-    times = []
-    for i in range(steps + 1):  # first step is warm-up
-        t0 = time.perf_counter()
-        learner.update(ts)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return times
+    return lambda: learner.update(ts)
 
 
-def time_trl(model_dir, tok, prompt, completions, advantages, steps: int, bf16: bool) -> list[float]:
+def trl_step(model_dir, tok, prompt, completions, advantages, bf16: bool) -> Callable[[], None]:
+    """Build a TRL GRPOTrainer with generation bypassed; return a function doing one update."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -113,16 +137,14 @@ def time_trl(model_dir, tok, prompt, completions, advantages, steps: int, bf16: 
     model = trainer.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         trainer.training_step(model, inputs, inputs["num_items_in_batch"])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return times
+
+    return step
 
 
 def main() -> None:
@@ -131,32 +153,63 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--min-len", type=int, default=12)
     ap.add_argument("--max-len", type=int, default=64)
-    ap.add_argument("--trl-bf16", action="store_true", help="let TRL autocast to bf16 too (default fp32, as measured in MODEL-NOTES)")
+    ap.add_argument(
+        "--trl-bf16",
+        action="store_true",
+        help="let TRL autocast to bf16 too (default fp32, as measured in MODEL-NOTES)",
+    )
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--ours-fp32", action="store_true", help="also time GRPOLearner without autocast")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore")
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     model_dir = smollm2_dir()
     tok = load_tokenizer(model_dir)
     prompt, completions, advantages = make_batch(tok, a.k, a.min_len, a.max_len, seed=0)
     tokens = sum(len(prompt) + len(c) for c in completions)
     resp = sum(len(c) for c in completions)
-    print(f"batch: {a.k} completions, prompt {len(prompt)} tokens, completions {resp} tokens, {tokens} tokens in all; torch threads {torch.get_num_threads()}")
+    print(
+        f"batch: {a.k} completions, prompt {len(prompt)} tokens, completions {resp} tokens, {tokens} tokens in all; torch threads {torch.get_num_threads()}"
+    )
 
-    rows = []
-    for name, fn in [
-        ("agentkiln bf16-autocast", lambda: time_ours(model_dir, prompt, completions, advantages, a.steps, True)),
-        ("agentkiln fp32", lambda: time_ours(model_dir, prompt, completions, advantages, a.steps, False)),
-    ] + ([] if a.skip_trl else [(f"TRL GRPOTrainer {'bf16' if a.trl_bf16 else 'fp32'}", lambda: time_trl(model_dir, tok, prompt, completions, advantages, a.steps, a.trl_bf16))]):
-        times = fn()
-        med = statistics.median(times)
-        rows.append((name, med))
-        print(f"{name:28s} step {med:6.2f} s (median of {len(times)}: {', '.join(f'{t:.2f}' for t in times)})  {tokens / med:7.1f} tok/s  {resp / med:6.1f} response tok/s")
+    contenders: list[tuple[str, Callable[[], None]]] = [
+        ("agentkiln bf16 shared-prompt", ours_step(model_dir, prompt, completions, advantages, True, share=True)),
+        ("agentkiln bf16 per-row", ours_step(model_dir, prompt, completions, advantages, True, share=False)),
+    ]
+    if a.ours_fp32:
+        contenders.append(
+            ("agentkiln fp32 shared-prompt", ours_step(model_dir, prompt, completions, advantages, False))
+        )
     if not a.skip_trl:
-        trl = rows[-1][1]
-        for name, med in rows[:-1]:
-            print(f"speed-up of {name} over TRL: {trl / med:.2f}x")
+        contenders.append(
+            (
+                f"TRL GRPOTrainer {'bf16' if a.trl_bf16 else 'fp32'}",
+                trl_step(model_dir, tok, prompt, completions, advantages, a.trl_bf16),
+            )
+        )
+    # Interleave the contenders step by step so load from other processes hits all alike;
+    # round 0 is warm-up.
+    times: dict[str, list[float]] = {name: [] for name, _ in contenders}
+    for r in range(a.steps + 1):
+        for name, step in contenders:
+            t0 = time.perf_counter()
+            step()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    medians = {}
+    for name, ts in times.items():
+        med = medians[name] = statistics.median(ts)
+        print(
+            f"{name:28s} step {med:6.2f} s (median of {len(ts)}: {', '.join(f'{t:.2f}' for t in ts)})  {tokens / med:7.1f} tok/s  {resp / med:6.1f} response tok/s"
+        )
+    trl_names = [n for n in medians if n.startswith("TRL")]
+    for name, med in medians.items():
+        if trl_names and name not in trl_names:
+            print(f"speed-up of {name} over {trl_names[0]}: {medians[trl_names[0]] / med:.2f}x")
 
 
 if __name__ == "__main__":

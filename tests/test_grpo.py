@@ -79,6 +79,20 @@ def test_logprobs_match_full_forward(tiny: Path) -> None:
     assert learner.logprobs(ts, reference=True)[0] == pytest.approx(got[0], abs=1e-5)
 
 
+def test_logprobs_use_the_sampling_temperature(tiny: Path) -> None:
+    """Recorded logprobs come from log_softmax(logits / T); the learner must score the same way."""
+    learner = GRPOLearner(tiny, GRPOConfig(bf16=False, temperature=0.7))
+    ts = make_transitions(2)
+    got = learner.logprobs(ts)
+    model = load_model(tiny)
+    for t, lp in zip(ts, got):
+        ids = torch.tensor([t.prompt_ids + t.response_ids])
+        with torch.no_grad():
+            full = torch.log_softmax(model(ids).logits[0].float() / 0.7, -1)
+        p = len(t.prompt_ids)
+        assert lp == pytest.approx([full[p - 1 + j, tok].item() for j, tok in enumerate(t.response_ids)], abs=1e-4)
+
+
 def test_chunked_output_layer_matches(tiny: Path) -> None:
     ts = make_transitions(4)
     a = GRPOLearner(tiny, GRPOConfig(bf16=False)).logprobs(ts)

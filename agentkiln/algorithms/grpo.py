@@ -64,6 +64,8 @@ class GRPOConfig:
         micro-batch and reuse its KV cache (same loss; saves the prompt's cost k-1 times).
     logits_chunk: above this many response tokens per micro-batch, the output layer runs in
         checkpointed chunks so the [tokens, vocab] logits are never all alive at once.
+    temperature: the sampling temperature the rollouts used; log-probs are taken under the
+        same tempered distribution so ratios start at 1 and match the recorded logprobs.
     """
 
     lr: float = 1e-4
@@ -79,6 +81,7 @@ class GRPOConfig:
     skip_zero_advantage: bool = True
     logits_chunk: int = 2048
     share_prompt: bool = True
+    temperature: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -194,9 +197,14 @@ def _collate_shared(items: Sequence[_Item], pad_id: int) -> _Batch:
     )
 
 
-def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_logprobs(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     with torch.autocast(device_type="cpu", enabled=False):
         logits = head(hidden.float()).float()
+    if temperature != 1.0:
+        # Same distribution the engine sampled from (and recorded logprobs under).
+        logits = logits / temperature
     picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -261,9 +269,16 @@ class GRPOLearner:
         picked = hidden[batch.rows, batch.positions]
         n, chunk = picked.shape[0], max(1, self.config.logits_chunk)
         if n <= chunk:
-            return _head_logprobs(head, picked, batch.targets)
+            return _head_logprobs(head, picked, batch.targets, self.config.temperature)
         parts = [
-            checkpoint(_head_logprobs, head, picked[i : i + chunk], batch.targets[i : i + chunk], use_reentrant=False)
+            checkpoint(
+                _head_logprobs,
+                head,
+                picked[i : i + chunk],
+                batch.targets[i : i + chunk],
+                self.config.temperature,
+                use_reentrant=False,
+            )
             for i in range(0, n, chunk)
         ]
         return torch.cat(parts)

@@ -62,10 +62,13 @@ class GRPO(Algorithm):
 
     # ------------------------------------------------------------------ helpers
     def _learner(self) -> Any:
+        from dataclasses import replace
+
         from agentkiln.algorithms.grpo import GRPOLearner
         from agentkiln.engine.model_files import smollm2_dir
 
-        return GRPOLearner(self.model_dir or smollm2_dir(), self.config)
+        # The learner must score tokens under the distribution the runners sampled from.
+        return GRPOLearner(self.model_dir or smollm2_dir(), replace(self.config, temperature=self.temperature))
 
     async def _publish(self, ctx: TrainingContext, adapter_path: Optional[str], note: dict[str, Any]) -> Resources:
         resources = await ctx.store.add_resources(

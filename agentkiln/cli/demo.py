@@ -34,6 +34,8 @@ def build_demo_algorithm(
 
     return GRPO(
         model_dir=model_dir,
+        temperature=0.7,
+        merge_turns=True,  # the answer turn continues the tool-call turn: one transition, shared prompt
         steps=steps,
         time_budget_s=time_budget_s,
         tasks_per_step=tasks_per_step,
@@ -41,6 +43,16 @@ def build_demo_algorithm(
         eval_every=eval_every,
         config=GRPOConfig(lr=lr, lora=LoraSettings(r=16, alpha=32), micro_batch_size=8, kl_coef=0.0),
     )
+
+
+def _log_to_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
 
 
 @app.command()
@@ -57,6 +69,7 @@ def demo(
     lr: float = typer.Option(2e-4),
     engine: str = typer.Option("smollm2", help="engine spec: smollm2 (real model) or tiny (smoke test)"),
     fresh: bool = typer.Option(True, help="start over instead of resuming a checkpoint in run_dir"),
+    verbose: bool = typer.Option(False, help="log to the terminal instead of run_dir/demo.log"),
 ) -> None:
     """Train a calculator-tool agent (plain openai SDK code) with GRPO+LoRA and report accuracy before/after."""
     import shutil
@@ -70,6 +83,8 @@ def demo(
     console = Console()
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
+    if not verbose:  # the progress bar and tables say what matters; logs go to run_dir/demo.log
+        _log_to_file(run_dir / "demo.log")
     train = make_tasks(train_size, seed=1, prefix="train")
     val = make_tasks(val_size, seed=2, prefix="val")
     algorithm = build_demo_algorithm(
@@ -99,7 +114,7 @@ def demo(
                 status += f" | val acc {data['val_reward']:.2f}"
             progress.update(bar, completed=data["step"], status=status)
         elif kind == "validation":
-            progress.console.print(f"validation [{data['tag']}]: accuracy {data['reward']:.3f} on {data['n']} tasks")
+            progress.console.print(f"validation ({data['tag']}): accuracy {data['reward']:.3f} on {data['n']} tasks")
             progress.update(bar, status=f"val acc {data['reward']:.2f}")
 
     started = time.monotonic()

@@ -11,6 +11,7 @@ COMMAND_MODULES: list[str] = [
     "agentkiln.cli.dev",
     "agentkiln.cli.demo",
     "agentkiln.cli.serve",
+    "agentkiln.cli.train",
 ]
 
 

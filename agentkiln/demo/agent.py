@@ -72,9 +72,17 @@ def last_number(text: str | None) -> int | None:
     return int(value) if value.is_integer() else None
 
 
-def solve(client: OpenAI, model: str, question: str, *, temperature: float, max_tokens: int = 48) -> str | None:
+def solve(
+    client: OpenAI,
+    model: str,
+    question: str,
+    *,
+    temperature: float,
+    max_tokens: int = 48,
+    system_prompt: str = SYSTEM_PROMPT,
+) -> str | None:
     """Run the tool loop; returns the model's final text (None if it never answered)."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}, *FEW_SHOT]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}, *FEW_SHOT]
     messages.append({"role": "user", "content": question})
     for _ in range(MAX_TURNS):
         reply = client.chat.completions.create(
@@ -98,10 +106,14 @@ def score(task: dict[str, Any], final_text: str | None) -> float:
     return 1.0 if last_number(final_text) == int(task["answer"]) else 0.0
 
 
-def calculator_agent(task: dict[str, Any], llm: Any, rollout: Any) -> float:
-    """Kiln entry point: sample during training, answer greedily during validation."""
+def calculator_agent(task: dict[str, Any], llm: Any, rollout: Any, prompts: dict[str, Any] | None = None) -> float:
+    """Kiln entry point: sample during training, answer greedily during validation.
+
+    A published prompts["system"] (e.g. from APO) replaces the built-in system prompt.
+    """
     client = OpenAI(base_url=llm.base_url, api_key=llm.api_key, max_retries=2, timeout=300)
     mode = getattr(rollout.mode, "value", rollout.mode)
     temperature = 0.0 if mode in ("val", "test") else float(llm.sampling.get("temperature", 0.7))
-    final = solve(client, llm.model, task["question"], temperature=temperature)
+    system = prompts["system"].format() if prompts and "system" in prompts else SYSTEM_PROMPT
+    final = solve(client, llm.model, task["question"], temperature=temperature, system_prompt=system)
     return score(task, final)

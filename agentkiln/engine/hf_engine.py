@@ -18,6 +18,15 @@ KV cache layout: one DynamicCache for the running batch, left-padded. Joining se
 prefilled separately and their cache is left-padded/concatenated in; finished rows are dropped
 and all-padding leading columns trimmed. Position ids are passed explicitly (count of real
 tokens) so padding never shifts rotary positions.
+
+Prefix caching: agent calls resend a long shared prefix (system prompt, tool definitions, earlier
+turns), and prefilling it dominates CPU time. A bounded LRU `PrefixCache` keeps the KV of recent
+prompts (and of finished prompt + response, for the next turn); a joining sequence reuses the KV of
+its longest cached prefix and prefills only the rest (at least one token, for the last logits). A
+joining group whose members share a prefix not yet cached is prefilled in two waves, so the later
+members reuse what the first wave computed. Reused KV sits in the batch cache as
+[left padding | cached prefix | padding | suffix] per row: holes are masked and position ids still
+count real tokens. The cache is cleared on every weight swap.
 """
 
 from __future__ import annotations
@@ -42,8 +51,11 @@ from transformers.cache_utils import DynamicLayer
 from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.engine.chat_format import RenderedPrompt, parse_tool_calls, render_prompt, stream_visible_text
 from agentkiln.engine.model_files import load_model, load_tokenizer
+from agentkiln.engine.prefix_cache import LayerKV, PrefixCache, PrefixHit, common_prefix_length
 
 log = logging.getLogger(__name__)
+
+_MIN_SHARED_PREFIX = 16  # tokens a joining sequence must gain to wait for the first prefill wave
 
 
 @dataclass
@@ -56,6 +68,9 @@ class EngineStats:
     tokens: int = 0  # tokens generated
     max_active: int = 0  # most sequences decoded together
     weight_swaps: int = 0
+    prefill_tokens: int = 0  # prompt tokens run through the model
+    prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefix_hits: int = 0  # sequences that reused a cached prefix
 
 
 @dataclass
@@ -97,7 +112,10 @@ class TransformersEngine(Engine):
         device: str = "cpu",
         num_threads: int | None = None,
         gather_window_s: float = 0.005,
+        prefix_cache_tokens: int = 16_384,
+        prefix_cache_entries: int = 32,
     ) -> None:
+        """`prefix_cache_tokens=0` disables prefix caching (SmolLM2-135M KV: ~23 KB per token in bf16)."""
         self.model_name = model_name
         self.model_dir = Path(model_dir)
         self.dtype = getattr(torch, dtype)
@@ -112,6 +130,9 @@ class TransformersEngine(Engine):
         self._model = self._base
         self._version = "base"
         self.stats = EngineStats()
+        self.prefix_cache: PrefixCache | None = (
+            PrefixCache(prefix_cache_tokens, prefix_cache_entries) if prefix_cache_tokens > 0 else None
+        )
         cfg = self._model.config
         self.max_context: int = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self._stop_ids = self._find_stop_ids()
@@ -332,16 +353,17 @@ class TransformersEngine(Engine):
         try:
             while True:
                 joining = self._take_pending(self.max_batch_size - len(active))
-                if joining:
-                    new_cache, new_mask, last_logits = self._prefill(joining)
-                    self._sample_and_record(joining, last_logits, version)
+                for wave in self._prefill_waves(joining):
+                    new_cache, new_mask, last_logits = self._prefill(wave)
+                    self._sample_and_record(wave, last_logits, version)
                     if cache is None:
                         cache, mask = new_cache, new_mask
                     else:
                         cache, mask = _concat_caches(cache, mask, new_cache, new_mask)
-                    active += joining
+                    active += wave
                 keep = [i for i, s in enumerate(active) if not (s.finished or s.cancelled)]
                 if len(keep) < len(active):
+                    self._remember_finished(active, cache, mask)
                     active = [active[i] for i in keep]
                     if not active:
                         cache, mask = None, mask[:0]
@@ -366,19 +388,75 @@ class TransformersEngine(Engine):
         with self._cond:
             return bool(self._pending) and not self._tasks and not self._closing
 
+    def _prefill_waves(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+        """Split a joining group so members sharing an uncached prefix with an earlier member wait for it."""
+        if self.prefix_cache is None or len(seqs) < 2:
+            return [seqs] if seqs else []
+        first: list[_Seq] = []
+        later: list[_Seq] = []
+        for seq in seqs:
+            cached = self.prefix_cache.match_length(seq.prompt_ids)
+            shared = max((common_prefix_length(seq.prompt_ids, f.prompt_ids) for f in first), default=0)
+            shared = min(shared, len(seq.prompt_ids) - 1)
+            (later if shared - cached >= _MIN_SHARED_PREFIX else first).append(seq)
+        return [wave for wave in (first, later) if wave]
+
     def _prefill(self, seqs: list[_Seq]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        longest = max(len(s.prompt_ids) for s in seqs)
+        """Prefill each prompt's uncached suffix; returns the batch cache, its mask and the last logits."""
+        hits = [self._lookup(seq) for seq in seqs]
+        past = max((h.length for h in hits if h is not None), default=0)
+        suffixes = [seq.prompt_ids[h.length if h else 0 :] for seq, h in zip(seqs, hits)]
+        longest = max(len(s) for s in suffixes)
         ids = torch.full((len(seqs), longest), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, longest - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
-            mask[row, longest - len(seq.prompt_ids) :] = 1
+        mask = torch.zeros((len(seqs), past + longest), dtype=torch.long)
+        for row, (suffix, hit) in enumerate(zip(suffixes, hits)):
+            ids[row, longest - len(suffix) :] = torch.tensor(suffix)
+            mask[row, past + longest - len(suffix) :] = 1
+            if hit is not None:
+                mask[row, past - hit.length : past] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        cache = _cache_from_hits(hits, past) if past else DynamicCache()
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
         self.stats.prefills += 1
+        self.stats.prefill_tokens += sum(len(s) for s in suffixes)
+        if self.prefix_cache is not None:
+            for row, seq in enumerate(seqs):
+                self._remember(seq.prompt_ids, cache, mask, row)
         return cache, mask, out.logits[:, -1, :]
+
+    def _lookup(self, seq: _Seq) -> PrefixHit | None:
+        if self.prefix_cache is None:
+            return None
+        hit = self.prefix_cache.lookup(seq.prompt_ids, limit=len(seq.prompt_ids) - 1)
+        if hit is not None:
+            self.stats.prefix_hits += 1
+            self.stats.prefix_hit_tokens += hit.length
+        return hit
+
+    def _remember(self, token_ids: list[int], cache: DynamicCache, mask: torch.Tensor, row: int) -> None:
+        """Copy one row's KV (its real columns) into the prefix cache under `token_ids`."""
+        assert self.prefix_cache is not None
+        if not token_ids or self.prefix_cache.covers(token_ids) or len(token_ids) > self.prefix_cache.max_tokens:
+            return
+        cols = mask[row].nonzero()[:, 0]
+        if len(cols) != len(token_ids):  # a bookkeeping bug; skipping keeps the cache correct
+            log.error("not caching row %d: %d positions for %d ids", row, len(cols), len(token_ids))
+            return
+        kv: list[LayerKV] = [
+            (layer.keys[row : row + 1].index_select(2, cols), layer.values[row : row + 1].index_select(2, cols))
+            for layer in _layers(cache)
+        ]
+        self.prefix_cache.insert(token_ids, kv)
+
+    def _remember_finished(self, seqs: list[_Seq], cache: DynamicCache | None, mask: torch.Tensor) -> None:
+        """Cache prompt + response of sequences that ended naturally: the next turn of an agent extends them."""
+        if self.prefix_cache is None or cache is None:
+            return
+        for row, seq in enumerate(seqs):
+            if seq.finished and not seq.cancelled and len(seq.ids) > 1:
+                # The last sampled token was never fed to the model, so the cache holds ids[:-1].
+                self._remember(seq.prompt_ids + seq.ids[:-1], cache, mask, row)
 
     def _decode_step(self, seqs: list[_Seq], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
         last = torch.tensor([[s.ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
@@ -430,6 +508,8 @@ class TransformersEngine(Engine):
         model.eval()
         self._model = model
         self._version = version
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # cached KV was computed by the old weights
         self.stats.weight_swaps += 1
 
 
@@ -470,6 +550,24 @@ def _layers(cache: DynamicCache) -> list[DynamicLayer]:
     if any(type(layer) is not DynamicLayer for layer in layers):
         raise TypeError("continuous batching needs plain DynamicLayer caches")
     return layers
+
+
+def _cache_from_hits(hits: list[PrefixHit | None], past: int) -> DynamicCache:
+    """Batch cache of `past` columns: each row's reused KV right-aligned, zeros (masked) to its left."""
+    template = next(h for h in hits if h is not None)
+    layers = []
+    for i, (k0, v0) in enumerate(template.kv):
+        keys, values = [], []
+        for hit in hits:
+            if hit is None:
+                keys.append(k0.new_zeros((1, k0.shape[1], past, k0.shape[3])))
+                values.append(v0.new_zeros((1, v0.shape[1], past, v0.shape[3])))
+            else:
+                k, v = hit.kv[i]
+                keys.append(F.pad(k, (0, 0, past - hit.length, 0)))
+                values.append(F.pad(v, (0, 0, past - hit.length, 0)))
+        layers.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
+    return DynamicCache(ddp_cache_data=layers)
 
 
 def _concat_caches(

@@ -28,12 +28,20 @@ ATTEMPT_HEADER = "x-kiln-attempt-id"
 
 
 def resolve_agent_name(
-    headers: Mapping[str, str], metadata: Optional[Mapping[str, Any]], user: Optional[str], messages: list[dict]
+    headers: Mapping[str, str],
+    metadata: Optional[Mapping[str, Any]],
+    user: Optional[str],
+    messages: list[dict],
+    path_agent: Optional[str] = None,
 ) -> Optional[str]:
-    """Which agent made the call: header, then metadata.agent / user, then the last system message's name.
+    """Which agent made the call: the `/agent/{name}/v1` path, the X-Kiln-Agent header,
+    metadata.agent / user, then the last system message's name.
 
-    Multi-agent setups share one base URL, so the name is what lets the adapter train only some agents.
+    The name is what lets the adapter train only some agents of a multi-agent program. The path
+    wins because it was fixed when that agent's client was built (`llm.for_agent(name)`).
     """
+    if path_agent:
+        return path_agent
     header = headers.get(AGENT_HEADER)
     if header:
         return header

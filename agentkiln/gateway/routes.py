@@ -32,6 +32,7 @@ from agentkiln.gateway.recording import (
     spans_for_result,
 )
 from agentkiln.models import AttemptStatus, SpanIn
+from agentkiln.runner.identity import is_valid_agent_name
 from agentkiln.store.base import NotFoundError, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ StoreGetter = Callable[[Request], Optional[Store]]
 EngineGetter = Callable[[Request], Optional[Engine]]
 
 ROLLOUT_PREFIX = "/rollout/{rollout_id}/attempt/{attempt_id}/v1"
+# The same, with the calling agent's name fixed by the URL (one base URL per agent of a multi-agent program).
+AGENT_PREFIX = "/rollout/{rollout_id}/attempt/{attempt_id}/agent/{agent_name}/v1"
 MAX_BODY_BYTES = 8_000_000
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -58,7 +61,7 @@ def build_gateway_router(
     *,
     default_max_tokens: Optional[int] = None,
 ) -> APIRouter:
-    """Router with /v1/{chat/completions,responses,models} and their per-attempt twins.
+    """Router with /v1/{chat/completions,responses,models} and their per-attempt (and per-agent) twins.
 
     The getters are called per request (defaults: `request.app.state.store` / `.engine`), so the
     server can swap or attach the engine at runtime. `default_max_tokens` applies when a client
@@ -66,7 +69,7 @@ def build_gateway_router(
     """
     gw = _Gateway(get_store or _default_store, get_engine or _default_engine, default_max_tokens)
     router = APIRouter(tags=["gateway"])
-    for prefix in ("/v1", ROLLOUT_PREFIX):
+    for prefix in ("/v1", ROLLOUT_PREFIX, AGENT_PREFIX):
         router.add_api_route(f"{prefix}/chat/completions", gw.chat_completions, methods=["POST"])
         router.add_api_route(f"{prefix}/responses", gw.responses, methods=["POST"])
         router.add_api_route(f"{prefix}/models", gw.models, methods=["GET"])
@@ -115,6 +118,21 @@ async def _read_json(request: Request) -> dict[str, Any]:
     return body
 
 
+def _path_agent(request: Request) -> Optional[str]:
+    """The agent name of an `/agent/{name}/v1` route (400 unless 1-128 chars of [A-Za-z0-9_.-])."""
+    name = request.path_params.get("agent_name")
+    if name is None:
+        return None
+    if not is_valid_agent_name(name):
+        raise GatewayError(
+            400,
+            f"Invalid agent name {name[:200]!r}: use 1-128 characters of A-Z a-z 0-9 _ . -",
+            param="agent_name",
+            code="invalid_agent_name",
+        )
+    return name
+
+
 def _sse(obj: Any, event: Optional[str] = None) -> str:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {oai.dumps(obj)}\n\n"
@@ -153,6 +171,7 @@ class _Gateway:
         return engine
 
     async def _target(self, request: Request) -> _Target:
+        _path_agent(request)  # reject a bad name before anything else happens
         rid = request.path_params.get("rollout_id") or request.headers.get(ROLLOUT_HEADER)
         aid = request.path_params.get("attempt_id") or request.headers.get(ATTEMPT_HEADER)
         if rid is None and aid is None:
@@ -204,7 +223,11 @@ class _Gateway:
         stream: bool,
     ) -> CallContext:
         agent = resolve_agent_name(
-            request.headers, getattr(body, "metadata", None), getattr(body, "user", None), engine_req.messages
+            request.headers,
+            getattr(body, "metadata", None),
+            getattr(body, "user", None),
+            engine_req.messages,
+            path_agent=_path_agent(request),
         )
         return CallContext(
             rollout_id=target.rollout_id or "",
@@ -277,6 +300,10 @@ class _Gateway:
     # ------------------------------------------------------------------ /models
 
     async def models(self, request: Request) -> JSONResponse:
+        try:
+            _path_agent(request)
+        except GatewayError as err:
+            return _error_response(err)
         engine = self._get_engine(request)
         data = []
         if engine is not None:

@@ -1,11 +1,15 @@
 """Client side of AgentKiln: run agents on rollouts and record what they did.
 
 Public API (re-exported as `kiln.*`): the `rollout` decorator and `Agent` class, the
-`emit_*` functions, failure types and `tool`, `Runner`, and the `CommandAgent` sidecar.
+`emit_*` functions, failure types and `tool`, agent naming
+(`agent_scope`, exported as `kiln.agent`), `Runner`, and the `CommandAgent` sidecar.
 """
 
 from agentkiln.runner.agent import Agent, LLMHandle, import_agent, rollout
 from agentkiln.runner.emit import emit_exception, emit_message, emit_object, emit_reward, emit_span
+# Exported as `agent_scope` here (the name `agent` is this package's submodule); `kiln.agent` is the alias.
+from agentkiln.runner.identity import agent as agent_scope
+from agentkiln.runner.identity import current_agent
 from agentkiln.runner.failures import (
     LLMError,
     LoopDetected,
@@ -33,7 +37,9 @@ __all__ = [
     "ToolError",
     "ToolTimeout",
     "WorkerConfig",
+    "agent_scope",
     "classify",
+    "current_agent",
     "emit_exception",
     "emit_message",
     "emit_object",

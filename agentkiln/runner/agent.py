@@ -18,12 +18,14 @@ import functools
 import importlib
 import inspect
 import logging
+import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agentkiln.models import Attempt, LLMEndpoint, PromptTemplate, Resources, Rollout
+from agentkiln.runner import identity
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +33,23 @@ INJECTABLE = ("task", "llm", "llms", "prompts", "resources", "rollout", "attempt
 PLACEHOLDER_API_KEY = "kiln"  # OpenAI clients refuse an empty key; the gateway checks its own
 
 
+# A kiln per-attempt gateway URL, optionally already naming an agent: group 1 is the attempt root.
+_ATTEMPT_URL_RE = re.compile(r"^(.*/rollout/[^/]+/attempt/[^/]+)(?:/agent/[^/]+)?/v1/?$")
+
+
 @dataclass
 class LLMHandle:
-    """The model an agent should call for this attempt (pass base_url/model/api_key to any OpenAI client)."""
+    """The model an agent should call for this attempt (pass base_url/model/api_key to any OpenAI client).
+
+    `agent` names the caller for multi-agent training (see `for_agent` and agentkiln.runner.identity).
+    """
 
     base_url: str | None
     model: str
     api_key: str = PLACEHOLDER_API_KEY
     sampling: dict[str, Any] = field(default_factory=dict)
     name: str = "main"
+    agent: str | None = None
 
     @classmethod
     def from_endpoint(cls, name: str, endpoint: LLMEndpoint, *, base_url: str | None, api_key: str | None) -> LLMHandle:
@@ -51,17 +61,56 @@ class LLMHandle:
             name=name,
         )
 
-    def openai(self, **kwargs: Any) -> Any:
-        """A sync `openai.OpenAI` client bound to this attempt's endpoint."""
+    def for_agent(self, agent: str) -> LLMHandle:
+        """This handle with every call recorded under `agent`.
+
+        On a kiln attempt URL the name goes into the path (`.../attempt/{aid}/agent/{agent}/v1`), so
+        any client given this base_url is attributed, whatever framework built it. Other URLs (an
+        upstream endpoint in dev) keep their base_url; the handle's own clients then send X-Kiln-Agent.
+        """
+        identity.validate_agent_name(agent)
+        base_url = self.base_url
+        match = _ATTEMPT_URL_RE.match(base_url or "")
+        if match:
+            base_url = f"{match.group(1)}/agent/{agent}/v1"
+        return replace(self, base_url=base_url, agent=agent, sampling=dict(self.sampling))
+
+    def http_client(self, **kwargs: Any) -> Any:
+        """An httpx client for `openai.OpenAI(http_client=...)` / LangChain's `http_client` that sends X-Kiln-Agent.
+
+        The name is this handle's `agent` or, per request, the enclosing `kiln.agent(...)` block's.
+        """
         import openai
 
-        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key, **kwargs)
+        return identity.add_request_hook(openai.DefaultHttpxClient(**kwargs), identity.sync_agent_hook(self.agent))
+
+    def async_http_client(self, **kwargs: Any) -> Any:
+        """Async twin of `http_client` (for `openai.AsyncOpenAI` / LangChain's `http_async_client`)."""
+        import openai
+
+        return identity.add_request_hook(
+            openai.DefaultAsyncHttpxClient(**kwargs), identity.async_agent_hook(self.agent)
+        )
+
+    def openai(self, **kwargs: Any) -> Any:
+        """A sync `openai.OpenAI` client bound to this attempt's endpoint, naming the calling agent."""
+        import openai
+
+        client = kwargs.pop("http_client", None)
+        client = identity.add_request_hook(client, identity.sync_agent_hook(self.agent)) if client else None
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=self.api_key, http_client=client or self.http_client(), **kwargs
+        )
 
     def async_openai(self, **kwargs: Any) -> Any:
-        """An `openai.AsyncOpenAI` client bound to this attempt's endpoint."""
+        """An `openai.AsyncOpenAI` client bound to this attempt's endpoint, naming the calling agent."""
         import openai
 
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, **kwargs)
+        client = kwargs.pop("http_client", None)
+        client = identity.add_request_hook(client, identity.async_agent_hook(self.agent)) if client else None
+        return openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self.api_key, http_client=client or self.async_http_client(), **kwargs
+        )
 
     def chat_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """`model` plus the published sampling settings, for `client.chat.completions.create(**...)`."""
