@@ -41,3 +41,14 @@ async def chat(task, llm):
     client = llm.async_openai()
     resp = await client.chat.completions.create(messages=[{"role": "user", "content": task["q"]}], **llm.chat_kwargs())
     return 1.0 if resp.choices[0].message.content == task["expect"] else 0.0
+
+
+@kiln.rollout
+def call_then_hang_first(task, llm, attempt):
+    """One LLM call through the gateway, then hangs on the first attempt (to be SIGKILLed)."""
+    client = llm.openai()
+    client.chat.completions.create(messages=[{"role": "user", "content": "2+2"}], **llm.chat_kwargs())
+    if attempt.sequence_id == 1:
+        kiln.emit_reward(0.1, final=False)
+        time.sleep(120)
+    return 1.0

@@ -204,3 +204,38 @@ async def test_process_runner_stops_gracefully(server, client):
     proc_runner.stop()
     await asyncio.to_thread(t.join, 15)
     assert not t.is_alive() and proc_runner._procs[0].exitcode == 0
+
+
+async def test_killed_attempt_never_reaches_training_twice(server, client):
+    """SIGKILL mid-rollout after an LLM call: the retry succeeds and only its calls become transitions."""
+    from agentkiln.adapter.transitions import SkipReason, build_batch
+
+    await client.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="scripted")}))
+    cfg = RolloutConfig(unresponsive_s=1.0, max_attempts=2, retry_on=[FailureKind.unresponsive])
+    r = await client.enqueue_rollout({"q": "2+2"}, config=cfg)
+    doomed = runner("runner_test_agents:call_then_hang_first", server, n_workers=1, mode="process")
+    t = threading.Thread(target=doomed.run, daemon=True)
+    t.start()
+
+    async def called():
+        return bool(await client.query_spans(r.rollout_id, name=SpanNames.reward))
+
+    await wait_until(called, timeout=60)
+    os.kill(doomed._procs[0].pid, signal.SIGKILL)
+    await asyncio.to_thread(t.join, 10)
+
+    async def requeued():
+        return (await client.get_rollout(r.rollout_id)).status == RolloutStatus.requeuing
+
+    await wait_until(requeued)
+    await runner("runner_test_agents:call_then_hang_first", server, n_workers=1, mode="thread", until_empty=True).arun()
+    rollout = await client.get_rollout(r.rollout_id)
+    attempts = await client.query_attempts(r.rollout_id)
+    spans = await client.query_spans(r.rollout_id)
+    assert rollout.status == RolloutStatus.succeeded
+    assert len([s for s in spans if s.name == SpanNames.llm_call]) == 2  # one per attempt, both stored
+
+    transitions, report = build_batch([(rollout, attempts, spans)])
+    assert len(transitions) == 1
+    assert transitions[0].attempt_id == attempts[1].attempt_id and transitions[0].return_ == 1.0
+    assert [(s.attempt_id, s.reason) for s in report] == [(attempts[0].attempt_id, SkipReason.stale_attempt)]
