@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best"
 HISTORY_FILE = "history.jsonl"
+CURRICULUM_FILE = "curriculum.json"
 
 
 @dataclass
@@ -59,6 +60,8 @@ class GRPO(Algorithm):
     resume: bool = True
     seed: int = 0
     prompts: dict[str, Any] = field(default_factory=dict)
+    # Optional task sampler (agentkiln.algorithms.curriculum.Curriculum); None = shuffled round-robin.
+    curriculum: Optional[Any] = None
 
     # ------------------------------------------------------------------ helpers
     def _learner(self) -> Any:
@@ -140,15 +143,21 @@ class GRPO(Algorithm):
         order = list(range(len(train_data)))
         rng.shuffle(order)
         cursor = (start_step * self.tasks_per_step) % len(order)
+        curriculum_path = run_dir / CURRICULUM_FILE
+        if self.curriculum is not None and start_step > 0 and curriculum_path.exists():
+            self.curriculum.load(curriculum_path)
 
         for step in range(start_step + 1, self.steps + 1):
             if self.time_budget_s is not None and time.monotonic() - started > self.time_budget_s:
                 log.info("time budget of %.0fs reached after %d steps", self.time_budget_s, step - 1)
                 break
             tasks = []
-            for _ in range(self.tasks_per_step):
-                tasks.append(train_data[order[cursor]])
-                cursor = (cursor + 1) % len(order)
+            if self.curriculum is not None:
+                tasks = [train_data[i] for i in self.curriculum.sample(train_data, self.tasks_per_step)]
+            else:
+                for _ in range(self.tasks_per_step):
+                    tasks.append(train_data[order[cursor]])
+                    cursor = (cursor + 1) % len(order)
             t0 = time.monotonic()
             outcomes = await run_rollouts(
                 ctx.store,
@@ -160,6 +169,11 @@ class GRPO(Algorithm):
                 group_prefix=f"s{step}",
             )
             sample_s = time.monotonic() - t0
+            if self.curriculum is not None:
+                k = self.samples_per_task  # run_rollouts returns each task's group contiguously
+                for i, task in enumerate(tasks):
+                    self.curriculum.record(task, [o.reward for o in outcomes[i * k : (i + 1) * k]])
+                self.curriculum.save(curriculum_path)
             metrics = await self._learn(learner, outcomes)
             adapter = await asyncio.to_thread(learner.save, run_dir / "adapters" / f"step-{step}")
             await asyncio.to_thread(learner.checkpoint, checkpoint)

@@ -38,39 +38,111 @@ def read_tasks(path: Path) -> list[Any]:
 def train(
     train_file: Path = typer.Argument(..., help="training tasks (JSONL or a JSON list)"),
     val_file: Optional[Path] = typer.Option(None, "--val", help="validation tasks"),
+    algorithm: str = typer.Option("grpo", help="grpo (RL), sft (imitate the best runs) or apo (optimize a prompt)"),
     server: str = typer.Option(DEFAULT_SERVER, "--server", envvar="KILN_SERVER_URL"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KILN_API_KEY"),
     model_dir: Optional[str] = typer.Option(None, help="weights the server's engine serves (default: SmolLM2)"),
-    steps: int = typer.Option(20),
+    steps: int = typer.Option(20, help="GRPO steps / SFT and APO rounds"),
     tasks_per_step: int = typer.Option(2),
-    samples: int = typer.Option(8, help="rollouts per task (GRPO group size)"),
+    samples: int = typer.Option(8, help="rollouts per task (GRPO group size, SFT samples per task)"),
     lr: float = typer.Option(1e-4),
     temperature: float = typer.Option(1.0),
     agent_match: Optional[str] = typer.Option(None, help="regex: train only these agents' LLM calls"),
     eval_every: int = typer.Option(5),
-    run_dir: Path = typer.Option(Path("runs/train")),
-    resume: bool = typer.Option(True, help="continue from run_dir/checkpoint if present"),
+    min_reward: float = typer.Option(1.0, help="sft: imitate rollouts with at least this reward"),
+    prompt_name: str = typer.Option("system", help="apo: the prompt the agent reads from its `prompts`"),
+    prompt: Optional[str] = typer.Option(None, help="apo: starting template, or @file (default: the published one)"),
+    beam: int = typer.Option(2, help="apo: beam width"),
+    optimizer_url: Optional[str] = typer.Option(None, help="apo: OpenAI-compatible base URL of the optimizer LLM"),
+    optimizer_model: Optional[str] = typer.Option(None, help="apo: optimizer model name"),
+    optimizer_key: Optional[str] = typer.Option(None, envvar="KILN_OPTIMIZER_API_KEY"),
+    run_dir: Path = typer.Option(Path("runs/train"), help="where history, checkpoints and results go"),
+    resume: bool = typer.Option(True, help="grpo: continue from run_dir/checkpoint if present"),
 ) -> None:
-    """Train with GRPO against a `kiln serve` server; runners are started separately with `kiln run`."""
-    from agentkiln.algorithms.grpo import GRPOConfig
-    from agentkiln.algorithms.grpo_algorithm import GRPO
+    """Train against a `kiln serve` server; runners are started separately with `kiln run`."""
     from agentkiln.trainer import Trainer
 
-    algorithm = GRPO(
-        model_dir=model_dir,
-        steps=steps,
-        tasks_per_step=tasks_per_step,
-        samples_per_task=samples,
-        temperature=temperature,
-        agent_match=agent_match,
-        eval_every=eval_every,
-        resume=resume,
-        config=GRPOConfig(lr=lr),
+    algo = _build_algorithm(
+        algorithm, model_dir=model_dir, steps=steps, tasks_per_step=tasks_per_step, samples=samples, lr=lr,
+        temperature=temperature, agent_match=agent_match, eval_every=eval_every, resume=resume,
+        min_reward=min_reward, prompt_name=prompt_name, prompt=prompt, beam=beam,
+        optimizer_url=optimizer_url, optimizer_model=optimizer_model, optimizer_key=optimizer_key,
     )
-    trainer = Trainer(algorithm, server_url=server, api_key=api_key, run_dir=run_dir)
+    trainer = Trainer(algo, server_url=server, api_key=api_key, run_dir=run_dir)
     result = trainer.fit(None, read_tasks(train_file), read_tasks(val_file) if val_file else None)
-    typer.echo(json.dumps({"val_before": result.val_before, "val_after": result.val_after,
-                           "best_checkpoint": result.best_checkpoint, "steps": len(result.history)}))
+    summary = {"algorithm": algorithm, "val_before": result.val_before, "val_after": result.val_after,
+               "best_checkpoint": result.best_checkpoint, "steps": len(result.history)}
+    if "best_prompt" in result.extra:
+        summary["best_prompt"] = result.extra["best_prompt"]
+    typer.echo(json.dumps(summary))
+
+
+def _build_algorithm(name: str, **o: Any) -> Any:
+    if name == "grpo":
+        from agentkiln.algorithms.grpo import GRPOConfig
+        from agentkiln.algorithms.grpo_algorithm import GRPO
+
+        return GRPO(
+            model_dir=o["model_dir"], steps=o["steps"], tasks_per_step=o["tasks_per_step"], samples_per_task=o["samples"],
+            temperature=o["temperature"], agent_match=o["agent_match"], eval_every=o["eval_every"], resume=o["resume"],
+            config=GRPOConfig(lr=o["lr"]),
+        )
+    if name == "sft":
+        from agentkiln.algorithms.sft import SFT, SFTConfig
+
+        return SFT(
+            model_dir=o["model_dir"], rounds=o["steps"], tasks_per_round=o["tasks_per_step"],
+            samples_per_task=o["samples"], temperature=o["temperature"], agent_match=o["agent_match"],
+            eval_every=o["eval_every"], min_reward=o["min_reward"], config=SFTConfig(lr=o["lr"]),
+        )
+    if name == "apo":
+        from agentkiln.algorithms.apo import APO, OptimizerLLM
+
+        prompt = o["prompt"]
+        if prompt is not None and prompt.startswith("@"):
+            prompt = Path(prompt[1:]).read_text()
+        return APO(
+            prompt_name=o["prompt_name"], initial_prompt=prompt, rounds=o["steps"], beam_width=o["beam"],
+            train_batch_size=max(1, o["tasks_per_step"]),
+            optimizer=OptimizerLLM(base_url=o["optimizer_url"], model=o["optimizer_model"], api_key=o["optimizer_key"]),
+        )
+    raise typer.BadParameter(f"unknown algorithm {name!r}: use grpo, sft or apo", param_hint="--algorithm")
+
+
+@app.command("train-offline")
+def train_offline_cmd(
+    store: str = typer.Option(..., "--store", help="store to read traces from: runs/kiln.db, sqlite:///..., or a server URL"),
+    algorithm: str = typer.Option("sft", help="sft (imitate the best rollouts) or grpo (group advantages)"),
+    out: Path = typer.Option(Path("runs/offline"), help="output folder: adapter/ and offline_result.json"),
+    model_dir: Optional[str] = typer.Option(None, help="weights to fine-tune (default: SmolLM2); the traces' model for grpo"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KILN_API_KEY"),
+    mode: Optional[str] = typer.Option(None, help="only rollouts of this mode (train/val/test)"),
+    agent_match: Optional[str] = typer.Option(None, help="regex on agent names"),
+    merge: bool = typer.Option(False, help="merge turns whose token history continues"),
+    min_reward: float = typer.Option(1.0, help="sft: imitate rollouts with at least this reward"),
+    top_k: Optional[int] = typer.Option(None, help="sft: at most k rollouts per task"),
+    epochs: int = typer.Option(1),
+    lr: float = typer.Option(1e-4),
+    temperature: float = typer.Option(1.0, help="grpo: the temperature the traces were sampled at"),
+    limit: Optional[int] = typer.Option(None, help="read at most this many rollouts"),
+) -> None:
+    """Train from rollouts already in a store (e.g. production traffic) without running the agent."""
+    from agentkiln.algorithms.grpo import GRPOConfig
+    from agentkiln.algorithms.offline import OfflineConfig, load_traces_from, train_offline
+    from agentkiln.algorithms.sft import SFTConfig
+
+    if algorithm not in ("sft", "grpo"):
+        raise typer.BadParameter("use sft or grpo", param_hint="--algorithm")
+    traces = asyncio.run(load_traces_from(store, api_key=api_key, mode=mode, limit=limit))
+    config = OfflineConfig(
+        algorithm=algorithm,  # type: ignore[arg-type]
+        model_dir=model_dir, agent_match=agent_match, merge_turns=merge, min_reward=min_reward, top_k=top_k,
+        epochs=epochs, sft=SFTConfig(lr=lr), grpo=GRPOConfig(lr=lr, temperature=temperature),
+    )
+    result = train_offline(traces, out, config)
+    typer.echo(json.dumps({"rollouts": result.rollouts, "transitions": result.transitions,
+                           "trained_transitions": result.trained_transitions, "adapter": result.adapter,
+                           "skipped": result.skipped}))
 
 
 @app.command("export")
@@ -93,28 +165,7 @@ def export(
 
 async def _collect(url: str, api_key: Optional[str], mode: Optional[str], agent_match: Optional[str], merge: bool):
     from agentkiln.adapter.transitions import build_batch
-    from agentkiln.models import RolloutMode, RolloutStatus
-    from agentkiln.store import open_store
-    from agentkiln.store.client import HttpStore
+    from agentkiln.algorithms.offline import load_traces_from
 
-    store = HttpStore(url, api_key=api_key) if url.startswith(("http://", "https://")) else open_store(url)
-    try:
-        items = []
-        offset = 0
-        while True:
-            page = await store.query_rollouts(
-                status=[RolloutStatus.succeeded, RolloutStatus.failed],
-                mode=RolloutMode(mode) if mode else None,
-                limit=500,
-                offset=offset,
-            )
-            for rollout in page:
-                attempts = await store.query_attempts(rollout.rollout_id)
-                spans = await store.query_spans(rollout.rollout_id)
-                items.append((rollout, attempts, spans))
-            if len(page) < 500:
-                break
-            offset += 500
-        return build_batch(items, agent_match=agent_match, merge=merge)
-    finally:
-        await store.close()
+    traces = await load_traces_from(url, api_key=api_key, mode=mode)
+    return build_batch(traces, agent_match=agent_match, merge=merge)

@@ -7,9 +7,6 @@ Public API (re-exported as `kiln.*`): the `rollout` decorator and `Agent` class,
 
 from agentkiln.runner.agent import Agent, LLMHandle, import_agent, rollout
 from agentkiln.runner.emit import emit_exception, emit_message, emit_object, emit_reward, emit_span
-# Exported as `agent_scope` here (the name `agent` is this package's submodule); `kiln.agent` is the alias.
-from agentkiln.runner.identity import agent as agent_scope
-from agentkiln.runner.identity import current_agent
 from agentkiln.runner.failures import (
     LLMError,
     LoopDetected,
@@ -20,6 +17,10 @@ from agentkiln.runner.failures import (
     classify,
     tool,
 )
+
+# Exported as `agent_scope` here (the name `agent` is this package's submodule); `kiln.agent` is the alias.
+from agentkiln.runner.identity import agent as agent_scope
+from agentkiln.runner.identity import current_agent
 from agentkiln.runner.runner import Runner
 from agentkiln.runner.sidecar import CommandAgent
 from agentkiln.runner.worker import RolloutWorker, WorkerConfig

@@ -46,7 +46,7 @@ def current_agent() -> str | None:
     return _current_agent.get()
 
 
-class agent:  # noqa: N801 - used as `with kiln.agent("writer"):`, like a function
+class agent:  # lower case: used as `with kiln.agent("writer"):`, like a function
     """Context manager (sync or async) naming the agent whose LLM calls run inside it.
 
     Nested blocks override the outer name and restore it on exit.
@@ -72,8 +72,8 @@ class agent:  # noqa: N801 - used as `with kiln.agent("writer"):`, like a functi
     async def __aenter__(self) -> str:
         return self.__enter__()
 
-    async def __aexit__(self, *exc_info: Any) -> None:
-        self.__exit__(*exc_info)
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__(*exc_info)  # type: ignore[arg-type]
 
 
 def _stamp(request: httpx.Request, fixed: str | None) -> None:
