@@ -239,6 +239,10 @@ async def test_engine_prefix_cache_stays_bounded():
             assert eng.prefix_cache is not None
             assert len(eng.prefix_cache) <= 3 and eng.prefix_cache.tokens <= 600
         assert eng.prefix_cache.evictions > 0
+        await eng.set_prefix_cache(None)  # disabling between batches: no hits, nothing stored
+        before = copy.copy(eng.stats)
+        await eng.chat(_agent_req("Question 5?", max_tokens=4))
+        assert eng.prefix_cache is None and eng.stats.prefix_hits == before.prefix_hits
     finally:
         await eng.close()
 

@@ -211,6 +211,18 @@ class TransformersEngine(Engine):
 
     async def load_weights(self, path: str, version: str) -> None:
         """Apply a peft LoRA adapter (merged into a copy of the base) or load a full checkpoint."""
+        await self._run_task(lambda: self._swap_weights(Path(path), version))
+
+    async def set_prefix_cache(self, cache: PrefixCache | None) -> None:
+        """Replace (None: disable) the prefix cache between batches; the scheduler thread owns it otherwise."""
+
+        def swap() -> None:
+            self.prefix_cache = cache
+
+        await self._run_task(swap)
+
+    async def _run_task(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the scheduler thread once the running batch has drained."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
@@ -218,7 +230,7 @@ class TransformersEngine(Engine):
             loop.call_soon_threadsafe(_settle, fut, None, exc)
 
         with self._cond:
-            self._tasks.append((lambda: self._swap_weights(Path(path), version), done))
+            self._tasks.append((fn, done))
             self._cond.notify_all()
         await fut
 
@@ -320,7 +332,7 @@ class TransformersEngine(Engine):
                         fn()
                         done(None)
                     except BaseException as exc:
-                        log.exception("weight swap failed")
+                        log.exception("engine task (weight swap / cache swap) failed")
                         done(exc)
                     continue
                 time.sleep(self.gather_window_s)  # let concurrent callers land in the same prefill
@@ -450,7 +462,7 @@ class TransformersEngine(Engine):
         self.prefix_cache.insert(token_ids, kv)
 
     def _remember_finished(self, seqs: list[_Seq], cache: DynamicCache | None, mask: torch.Tensor) -> None:
-        """Cache prompt + response of sequences that ended naturally: the next turn of an agent extends them."""
+        """Cache prompt + response of finished (not cancelled) sequences: an agent's next turn extends them."""
         if self.prefix_cache is None or cache is None:
             return
         for row, seq in enumerate(seqs):

@@ -11,10 +11,14 @@ spans are marked unusable for training rather than silently misaligned.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -24,6 +28,189 @@ from agentkiln.engine.chat_format import format_tool_call, render_prompt
 log = logging.getLogger(__name__)
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls"}
+_MAX_IDLE = 256  # kept-alive upstream connections
+
+
+class UpstreamStatusError(RuntimeError):
+    """The upstream answered with an HTTP error status."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"upstream answered HTTP {status}: {body[:500].decode('utf-8', 'replace')}")
+        self.status = status
+
+
+def _direct_http(base_url: str) -> bool:
+    """Plain http:// with no proxy configured for the host: the lean client can serve it."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    proxies = urllib.request.getproxies()
+    return not ("http" in proxies or "all" in proxies) or bool(urllib.request.proxy_bypass(parts.hostname))
+
+
+class _Response:
+    """Status, headers and a body reader over one kept-alive connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, status: int, headers: dict[bytes, bytes]) -> None:
+        self.reader = reader
+        self.status = status
+        self.chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        length = headers.get(b"content-length")
+        self.remaining = int(length) if length is not None and not self.chunked else None
+        self.reusable = b"close" not in headers.get(b"connection", b"").lower() and (
+            self.chunked or self.remaining is not None
+        )
+        self.done = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (chunked, by length, or until the server closes)."""
+        r = self.reader
+        if self.chunked:
+            while True:
+                size = int((await r.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                        pass
+                    break
+                data = await r.readexactly(size + 2)
+                yield data[:-2]
+        elif self.remaining is not None:
+            while self.remaining > 0:
+                data = await r.read(min(self.remaining, 65536))
+                if not data:
+                    raise ConnectionError("upstream closed the connection mid-answer")
+                self.remaining -= len(data)
+                yield data
+        else:
+            while data := await r.read(65536):
+                yield data
+        self.done = True
+
+    async def read(self) -> bytes:
+        if self.remaining is not None and not self.chunked:
+            data = await self.reader.readexactly(self.remaining) if self.remaining else b""
+            self.remaining = 0
+            self.done = True
+            return data
+        return b"".join([c async for c in self.chunks()])
+
+
+class _LeanHTTP:
+    """Keep-alive HTTP/1.1 POST client on asyncio streams for plain-http upstreams.
+
+    httpx costs about a millisecond of CPU per request (and its pool slows down with many
+    connections); this is the gateway's hot path, so the common case (vLLM on http://) gets a
+    client that does only what it needs. A request that finds its kept-alive connection
+    closed by the server before any answer byte is sent once more on a fresh connection.
+    """
+
+    def __init__(self, base_url: str, headers: dict[str, str], timeout: float) -> None:
+        parts = urlsplit(base_url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        host_header = parts.netloc.rsplit("@", 1)[-1]
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in {"host": host_header, **headers}.items())
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def _send(self, path: str, body: bytes) -> tuple[_Response, asyncio.StreamWriter]:
+        request = (
+            f"POST {self.prefix}{path} HTTP/1.1\r\n{self._head}content-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        while True:
+            reused = bool(self._idle)
+            if reused:
+                reader, writer = self._idle.pop()
+            else:
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                writer.close()
+                if reused and (not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial):
+                    continue  # the server dropped an idle connection: try a fresh one
+                raise ConnectionError(f"upstream connection failed: {exc!r}") from exc
+            except BaseException:
+                writer.close()
+                raise
+            lines = head[:-4].split(b"\r\n")
+            try:
+                status = int(lines[0].split(b" ", 2)[1])
+            except (IndexError, ValueError):
+                writer.close()
+                raise ConnectionError(f"upstream sent a malformed status line: {lines[0][:100]!r}") from None
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            return _Response(reader, status, headers), writer
+
+    def _release(self, resp: _Response, writer: asyncio.StreamWriter) -> None:
+        if resp.done and resp.reusable and len(self._idle) < _MAX_IDLE and not writer.is_closing():
+            self._idle.append((resp.reader, writer))
+        else:
+            writer.close()
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        async with asyncio.timeout(self.timeout):
+            resp, writer = await self._send(path, body)
+            try:
+                data = await resp.read()
+            except asyncio.IncompleteReadError as exc:
+                writer.close()
+                raise ConnectionError("upstream closed the connection mid-answer") from exc
+            except BaseException:
+                writer.close()
+                raise
+        self._release(resp, writer)
+        return resp.status, data
+
+    @asynccontextmanager
+    async def stream(self, path: str, body: bytes) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+        """(status, lines of the body); each read waits at most `timeout`."""
+        async with asyncio.timeout(self.timeout):
+            resp, writer = await self._send(path, body)
+
+        async def lines() -> AsyncIterator[bytes]:
+            buf = b""
+            chunks = resp.chunks()
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except asyncio.IncompleteReadError as exc:
+                    raise ConnectionError("upstream closed the connection mid-stream") from exc
+                buf += chunk
+                *complete, buf = buf.split(b"\n")
+                for line in complete:
+                    yield line.rstrip(b"\r")
+            if buf:
+                yield buf.rstrip(b"\r")
+
+        body_lines = lines()
+        try:
+            yield resp.status, body_lines
+            # The caller may stop at `data: [DONE]`; read the body's end so the connection is reused.
+            async with asyncio.timeout(1.0):
+                async for _ in body_lines:
+                    pass
+        except TimeoutError:
+            writer.close()
+            return
+        except BaseException:
+            writer.close()
+            raise
+        self._release(resp, writer)
+
+    async def aclose(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
 
 
 class UpstreamEngine(Engine):
@@ -46,6 +233,11 @@ class UpstreamEngine(Engine):
         self._timeout = timeout_s
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        # httpx for tests' mock transports, https and proxies; the lean client for plain http.
+        self._lean: _LeanHTTP | None = None
+        if transport is None and _direct_http(self.base_url):
+            headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+            self._lean = _LeanHTTP(self.base_url, headers, timeout_s)
 
     @property
     def model_version(self) -> str:
@@ -83,10 +275,30 @@ class UpstreamEngine(Engine):
             body["stream_options"] = {"include_usage": True}
         return body
 
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        resp = await self._http().post("/chat/completions", json=self._body(request, stream=False))
+    async def _post_json(self, body: dict[str, Any]) -> Any:
+        if self._lean is not None:
+            status, raw = await self._lean.post("/chat/completions", json.dumps(body).encode())
+            if status >= 400:
+                raise UpstreamStatusError(status, raw)
+            return json.loads(raw)
+        resp = await self._http().post("/chat/completions", json=body)
         resp.raise_for_status()
-        data = resp.json()
+        return resp.json()
+
+    @asynccontextmanager
+    async def _stream_lines(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
+        if self._lean is not None:
+            async with self._lean.stream("/chat/completions", json.dumps(body).encode()) as (status, lines):
+                if status >= 400:
+                    raise UpstreamStatusError(status, b"".join([line async for line in lines]))
+                yield (line.decode() async for line in lines)
+            return
+        async with self._http().stream("POST", "/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            yield resp.aiter_lines()
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        data = await self._post_json(self._body(request, stream=False))
         choices = [
             self._choice(
                 index=c.get("index", i),
@@ -109,9 +321,8 @@ class UpstreamEngine(Engine):
         text_parts: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         finish: str | None = None
-        async with self._http().stream("POST", "/chat/completions", json=self._body(request, stream=True)) as resp:
-            resp.raise_for_status()
-            async for line in resp.aiter_lines():
+        async with self._stream_lines(self._body(request, stream=True)) as lines:
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 payload = line[5:].strip()
@@ -211,6 +422,8 @@ class UpstreamEngine(Engine):
         )
 
     async def close(self) -> None:
+        if self._lean is not None:
+            await self._lean.aclose()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
