@@ -36,6 +36,10 @@ _LAZY = {
     "GRPOConfig": "agentkiln.algorithms.grpo",
     "LoraSettings": "agentkiln.algorithms.grpo",
     "CreditConfig": "agentkiln.adapter.credit",
+    "APO": "agentkiln.algorithms.apo",
+    "SFT": "agentkiln.algorithms.sft",
+    "SFTConfig": "agentkiln.algorithms.sft",
+    "Curriculum": "agentkiln.algorithms.curriculum",
     "open_store": "agentkiln.store",
 }
 

@@ -49,25 +49,25 @@ def test_rejection_sampling_sft_raises_expected_reward(tiny_dir: str) -> None:
     tok = load_tokenizer(tiny_dir)
     prompt = list(tok.apply_chat_template([{"role": "user", "content": "Say something."}], add_generation_prompt=True,
                                           tokenize=True)["input_ids"])
-    learner = SFTLearner(tiny_dir, SFTConfig(lr=5e-3, epochs=4, batch_size=16, lora=LoraSettings(r=4, alpha=8),
-                                             bf16=False))
+    # Full fine-tune: the tiny model's LoRA (no embedding/output layer) moves a 14-token set too slowly.
+    learner = SFTLearner(tiny_dir, SFTConfig(lr=2e-2, epochs=6, batch_size=16, lora=None, bf16=False))
     before = _good_mass(learner, prompt)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         probs = learner.model(input_ids=torch.tensor([prompt])).logits[0, -1].float().softmax(-1)
     samples = torch.multinomial(probs, 32, replacement=True, generator=gen).tolist()
     transitions = [
-        Transition(rollout_id=f"r{i}", attempt_id="a", step=0, prompt_ids=prompt, response_ids=[tid, 2],
-                   logprobs=[0.0, 0.0], return_=1.0 if tid % 2 == 0 else 0.0, group_id="g")
+        Transition(rollout_id=f"r{i}", attempt_id="a", step=0, prompt_ids=prompt, response_ids=[tid],
+                   logprobs=[0.0], return_=1.0 if tid % 2 == 0 else 0.0, group_id="g")
         for i, tid in enumerate(samples)
     ]
     kept = select_best(transitions, min_reward=1.0)
     assert 0 < len(kept) < len(transitions)
     metrics = learner.update(kept)
     after = _good_mass(learner, prompt)
-    assert metrics["optimizer_steps"] == 4 * ((len(kept) + 15) // 16)
+    assert metrics["optimizer_steps"] == 6 * ((len(kept) + 15) // 16)
     assert metrics["loss"] < metrics["first_loss"]
-    assert after > before + 0.05, (before, after)
+    assert after > before + 0.2, (before, after)
 
 
 def parity_agent(task: dict, llm, rollout) -> float:

@@ -17,9 +17,10 @@ import random
 import re
 import string
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from agentkiln.algorithms.base import Algorithm, TrainingContext, TrainingResult
 from agentkiln.algorithms.rollout_batch import RolloutOutcome, mean_reward, run_rollouts
@@ -76,7 +77,7 @@ def placeholders(template: PromptTemplate) -> set[str]:
     return names
 
 
-def check_candidate(candidate: PromptTemplate, original: PromptTemplate, max_chars: int) -> Optional[str]:
+def check_candidate(candidate: PromptTemplate, original: PromptTemplate, max_chars: int) -> str | None:
     """Why a rewrite is unusable (None = usable): empty, too long, broken, or placeholders changed."""
     text = candidate.template.strip()
     if not text:
@@ -94,7 +95,7 @@ def check_candidate(candidate: PromptTemplate, original: PromptTemplate, max_cha
 
 def extract_prompt(text: str) -> str:
     """The prompt inside <prompt>...</prompt>, else the reply without code fences (small models forget tags)."""
-    found = re.findall(r"<prompt>\s*(.*?)\s*(?:</prompt>|$)", text or "", flags=re.S | re.I)
+    found = re.findall(r"<prompt>\s*(.*?)\s*(?:</prompt>|$)", text or "", flags=re.DOTALL | re.IGNORECASE)
     if found and found[-1].strip():
         return found[-1].strip()
     return re.sub(r"^```\w*\n?|\n?```$", "", (text or "").strip()).strip()
@@ -106,12 +107,12 @@ def extract_prompt(text: str) -> str:
 @dataclass
 class Failure:
     task: Any
-    answer: Optional[str]
+    answer: str | None
     reward: float
-    error: Optional[str] = None
+    error: str | None = None
 
 
-def final_answer(outcome: RolloutOutcome) -> Optional[str]:
+def final_answer(outcome: RolloutOutcome) -> str | None:
     """Text of the last LLM reply of the rollout's latest attempt (tool calls rendered as calls)."""
     attempt = outcome.attempts[-1] if outcome.attempts else None
     calls = [
@@ -165,9 +166,9 @@ class OptimizerLLM:
     """Any OpenAI-compatible chat endpoint. None fields default to the kiln server's gateway (/v1)
     and the model it serves, so the engine being optimized can critique itself."""
 
-    base_url: Optional[str] = None
-    model: Optional[str] = None
-    api_key: Optional[str] = None
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str | None = None
     temperature: float = 0.7
     max_tokens: int = 300
     timeout_s: float = 300.0
@@ -194,10 +195,10 @@ class OptimizerLLM:
 @dataclass
 class Candidate:
     prompt: str
-    score: Optional[float] = None
+    score: float | None = None
     round: int = 0
-    parent: Optional[int] = None
-    critique: Optional[str] = None
+    parent: int | None = None
+    critique: str | None = None
     id: int = 0
 
 
@@ -215,7 +216,7 @@ class APO(Algorithm):
     """
 
     prompt_name: str = "system"
-    initial_prompt: Optional[str | PromptTemplate] = None
+    initial_prompt: str | PromptTemplate | None = None
     rounds: int = 2
     beam_width: int = 2
     branch_factor: int = 2
@@ -225,7 +226,7 @@ class APO(Algorithm):
     max_retries: int = 2
     max_prompt_chars: int = 4000
     optimizer: OptimizerLLM = field(default_factory=OptimizerLLM)
-    llms: Optional[dict[str, LLMEndpoint]] = None
+    llms: dict[str, LLMEndpoint] | None = None
     rollout_config: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(timeout_s=600, max_attempts=2, retry_on=["unresponsive", "timeout"])
     )
@@ -273,7 +274,7 @@ class APO(Algorithm):
             c.score = mean_reward(outcomes)
             ctx.on_event("validation", {"tag": f"{tag}-c{c.id}", "reward": c.score, "n": len(outcomes)})
 
-    def _new(self, prompt: str, rnd: int, parent: Optional[int] = None, critique: Optional[str] = None) -> Candidate:
+    def _new(self, prompt: str, rnd: int, parent: int | None = None, critique: str | None = None) -> Candidate:
         self._next_id += 1
         return Candidate(prompt=prompt, round=rnd, parent=parent, critique=critique, id=self._next_id - 1)
 
@@ -290,9 +291,9 @@ class APO(Algorithm):
             " Keep these placeholders exactly, written in braces: " + ", ".join("{" + n + "}" for n in names) + "."
             if names else " Do not use curly braces."
         )
-        out: list[Candidate] = []
         rejected: list[dict[str, Any]] = []
-        for _ in range(self.branch_factor):
+
+        async def rewrite() -> Candidate | None:
             for _try in range(self.max_retries + 1):
                 reply = await self.optimizer.ask(
                     client, ctx, REWRITE_SYSTEM,
@@ -302,15 +303,18 @@ class APO(Algorithm):
                 why = check_candidate(self._template.model_copy(update={"template": text}), self._template,
                                       self.max_prompt_chars)
                 if why is None:
-                    out.append(self._new(text, rnd, parent.id, critique))
-                    break
+                    return self._new(text, rnd, parent.id, critique)
                 rejected.append({"parent": parent.id, "prompt": text[:1000], "reason": why})
                 log.info("APO rewrite rejected (%s)", why)
+            return None
+
+        # Rewrites run concurrently: the engine batches them.
+        out = [c for c in await asyncio.gather(*[rewrite() for _ in range(self.branch_factor)]) if c is not None]
         return critique, out, rejected
 
     # ------------------------------------------------------------------ main loop
     async def run(
-        self, ctx: TrainingContext, train_data: Sequence[Any], val_data: Optional[Sequence[Any]] = None
+        self, ctx: TrainingContext, train_data: Sequence[Any], val_data: Sequence[Any] | None = None
     ) -> TrainingResult:
         if not train_data:
             raise ValueError("APO needs at least one training task")
@@ -338,14 +342,16 @@ class APO(Algorithm):
                 runs = await self._rollouts(ctx, beam, tasks, RolloutMode.train, f"r{rnd}-train")
                 new: list[Candidate] = []
                 record: dict[str, Any] = {"round": rnd, "train": [], "rejected": []}
+                expand = []
                 for parent, outcomes in zip(beam, runs):
                     failures = collect_failures(outcomes, self.success_reward)
                     record["train"].append({"candidate": parent.id, "reward": mean_reward(outcomes),
                                             "failures": len(failures)})
-                    if not failures:
+                    if failures:
+                        expand.append(self._expand(ctx, client, parent, failures, rnd))
+                    else:
                         log.info("APO round %d: candidate %d solved its batch; not expanded", rnd, parent.id)
-                        continue
-                    critique, children, rejected = await self._expand(ctx, client, parent, failures, rnd)
+                for _critique, children, rejected in await asyncio.gather(*expand):
                     record["rejected"] += rejected
                     for child in children:
                         if child.prompt not in seen:

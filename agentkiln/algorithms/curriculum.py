@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 
 def default_task_key(task: Any) -> str:
@@ -31,7 +32,7 @@ class TaskStats:
     successes: float = 0.0  # decayed number of successes
 
     @property
-    def rate(self) -> Optional[float]:
+    def rate(self) -> float | None:
         return self.successes / self.n if self.n > 0 else None
 
 

@@ -17,9 +17,10 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal
 
 from agentkiln.adapter.credit import CreditConfig
 from agentkiln.adapter.transitions import SkippedCall, build_batch
@@ -36,7 +37,7 @@ RESULT_FILE = "offline_result.json"
 PAGE = 500
 
 
-async def load_traces(store: Store, *, mode: Optional[str] = None, limit: Optional[int] = None) -> list[Trace]:
+async def load_traces(store: Store, *, mode: str | None = None, limit: int | None = None) -> list[Trace]:
     """Finished rollouts with their attempts and spans, oldest first (failed ones too: the adapter
     reports why they are left out)."""
     out: list[Trace] = []
@@ -56,7 +57,7 @@ async def load_traces(store: Store, *, mode: Optional[str] = None, limit: Option
     return out
 
 
-async def load_traces_from(url: str, *, api_key: Optional[str] = None, **kwargs: Any) -> list[Trace]:
+async def load_traces_from(url: str, *, api_key: str | None = None, **kwargs: Any) -> list[Trace]:
     """`load_traces` on a server URL (http...) or a store path/URL (runs/kiln.db, sqlite:///...)."""
     from agentkiln.store import open_store
     from agentkiln.store.client import HttpStore
@@ -77,12 +78,12 @@ class OfflineConfig:
     """
 
     algorithm: Literal["sft", "grpo"] = "sft"
-    model_dir: Optional[str] = None
-    agent_match: Optional[str] = None
+    model_dir: str | None = None
+    agent_match: str | None = None
     merge_turns: bool = False
     credit: CreditConfig = field(default_factory=CreditConfig)
-    min_reward: Optional[float] = 1.0
-    top_k: Optional[int] = None
+    min_reward: float | None = 1.0
+    top_k: int | None = None
     epochs: int = 1
     batch_size: int = 32
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -96,7 +97,7 @@ class OfflineResult:
     trained_transitions: int
     skipped: dict[str, int]
     metrics: list[dict[str, float]]
-    adapter: Optional[str]
+    adapter: str | None
     elapsed_s: float
 
 
@@ -114,7 +115,7 @@ def select_training_data(traces: Sequence[Trace], config: OfflineConfig) -> tupl
     return transitions, chosen, _skip_counts(skipped)
 
 
-def train_offline(traces: Sequence[Trace], out_dir: str | Path, config: Optional[OfflineConfig] = None) -> OfflineResult:
+def train_offline(traces: Sequence[Trace], out_dir: str | Path, config: OfflineConfig | None = None) -> OfflineResult:
     """Build transitions from stored traces, train (SFT or GRPO), save the adapter in out_dir/adapter."""
     from dataclasses import replace
 
@@ -132,7 +133,7 @@ def train_offline(traces: Sequence[Trace], out_dir: str | Path, config: Optional
         config.algorithm, len(traces), len(transitions), len(chosen), skipped,
     )
     metrics: list[dict[str, float]] = []
-    adapter: Optional[str] = None
+    adapter: str | None = None
     if chosen:
         model_dir = config.model_dir or smollm2_dir()
         if config.algorithm == "sft":

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -50,7 +50,7 @@ class SFTConfig:
     micro_batch_size: int = 8
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    lora: Optional[LoraSettings] = field(default_factory=LoraSettings)
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
     bf16: bool = True
     share_prompt: bool = True
     seed: int = 0
@@ -73,7 +73,7 @@ class SFTConfig:
 class SFTLearner(GRPOLearner):
     """GRPOLearner whose update is the token-mean negative log-likelihood of the masked response tokens."""
 
-    def __init__(self, model_dir: str | Path, config: Optional[SFTConfig] = None) -> None:
+    def __init__(self, model_dir: str | Path, config: SFTConfig | None = None) -> None:
         self.sft_config = config or SFTConfig()
         super().__init__(model_dir, self.sft_config.learner_config())
         self._rng = random.Random(self.sft_config.seed)
@@ -103,7 +103,7 @@ class SFTLearner(GRPOLearner):
                     lp = self._token_logprobs(self.model, batch)
                     loss = -(lp * batch.mask).sum() / total
                     loss.backward()
-                    loss_sum += float(loss)
+                    loss_sum += float(loss.detach())
                     forwarded += batch.tokens
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm))
                 if not math.isfinite(grad_norm):
@@ -136,7 +136,7 @@ def rollout_score(transitions: Sequence[Transition]) -> float:
 
 
 def select_best(
-    transitions: Sequence[Transition], *, min_reward: Optional[float] = 1.0, top_k: Optional[int] = None
+    transitions: Sequence[Transition], *, min_reward: float | None = 1.0, top_k: int | None = None
 ) -> list[Transition]:
     """Transitions of the rollouts worth imitating.
 
@@ -178,19 +178,19 @@ class SFT(Algorithm):
     The adapter with the best validation reward is kept in run_dir/best and served at the end.
     """
 
-    model_dir: Optional[str] = None
+    model_dir: str | None = None
     rounds: int = 5
     tasks_per_round: int = 4
     samples_per_task: int = 4
-    min_reward: Optional[float] = 1.0
-    top_k: Optional[int] = None
+    min_reward: float | None = 1.0
+    top_k: int | None = None
     config: SFTConfig = field(default_factory=SFTConfig)
     credit: CreditConfig = field(default_factory=CreditConfig)
-    agent_match: Optional[str] = None
+    agent_match: str | None = None
     merge_turns: bool = False
     temperature: float = 1.0
     eval_every: int = 1
-    time_budget_s: Optional[float] = None
+    time_budget_s: float | None = None
     rollout_config: RolloutConfig = field(
         default_factory=lambda: RolloutConfig(timeout_s=600, max_attempts=2, retry_on=["unresponsive", "timeout"])
     )
@@ -202,7 +202,7 @@ class SFT(Algorithm):
 
         return SFTLearner(self.model_dir or smollm2_dir(), self.config)
 
-    async def _publish(self, ctx: TrainingContext, adapter: Optional[str], note: dict[str, Any]) -> Resources:
+    async def _publish(self, ctx: TrainingContext, adapter: str | None, note: dict[str, Any]) -> Resources:
         resources = await ctx.store.add_resources(
             ResourcesIn(
                 llms={
@@ -235,7 +235,7 @@ class SFT(Algorithm):
         return kept, len({t.rollout_id for t in kept})
 
     async def run(
-        self, ctx: TrainingContext, train_data: Sequence[Any], val_data: Optional[Sequence[Any]] = None
+        self, ctx: TrainingContext, train_data: Sequence[Any], val_data: Sequence[Any] | None = None
     ) -> TrainingResult:
         if not train_data:
             raise ValueError("SFT needs at least one training task")
