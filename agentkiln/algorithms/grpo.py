@@ -132,7 +132,8 @@ def _collate(items: Sequence[_Item], pad_id: int, share: bool = False) -> _Batch
     width = max(len(it.ids) - 1 for it in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(items), width), dtype=torch.long)
-    rows, positions, targets, old, mask, adv, lengths = [], [], [], [], [], [], []
+    rows: list[int] = []
+    positions: list[int] = []
     for b, it in enumerate(items):
         seq = it.ids[:-1]
         input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
@@ -140,6 +141,25 @@ def _collate(items: Sequence[_Item], pad_id: int, share: bool = False) -> _Batch
         n = len(it.ids) - it.prompt_len
         rows.extend([b] * n)
         positions.extend(range(it.prompt_len - 1, it.prompt_len - 1 + n))
+    return _batch(items, input_ids, attention, rows, positions)
+
+
+def _batch(
+    items: Sequence[_Item],
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    rows: list[int],
+    positions: list[int],
+    prefix_ids: torch.Tensor | None = None,
+) -> _Batch:
+    """The per-token tensors both layouts share, in item order."""
+    targets: list[int] = []
+    old: list[float] = []
+    mask: list[float] = []
+    adv: list[float] = []
+    lengths: list[int] = []
+    for it in items:
+        n = len(it.ids) - it.prompt_len
         targets.extend(it.ids[it.prompt_len :])
         old.extend(it.old_logprobs)
         mask.extend(it.mask)
@@ -156,6 +176,7 @@ def _collate(items: Sequence[_Item], pad_id: int, share: bool = False) -> _Batch
         advantages=torch.tensor(adv, dtype=torch.float32),
         lengths=lengths,
         tokens=sum(len(it.ids) for it in items),
+        prefix_ids=prefix_ids,
     )
 
 
@@ -169,7 +190,8 @@ def _collate_shared(items: Sequence[_Item], pad_id: int) -> _Batch:
     width = max(len(it.ids) - p - 1 for it in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(items), width), dtype=torch.long)
-    rows, positions, targets, old, mask, adv, lengths = [], [], [], [], [], [], []
+    rows: list[int] = []
+    positions: list[int] = []
     for b, it in enumerate(items):
         resp = it.ids[p:]
         n = len(resp)
@@ -177,24 +199,7 @@ def _collate_shared(items: Sequence[_Item], pad_id: int) -> _Batch:
         attention[b, : n - 1] = 1
         rows.extend([b] * n)
         positions.extend(range(n))
-        targets.extend(resp)
-        old.extend(it.old_logprobs)
-        mask.extend(it.mask)
-        adv.extend([it.advantage] * n)
-        lengths.append(n)
-    return _Batch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        rows=torch.tensor(rows, dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long),
-        old_logprobs=torch.tensor(old, dtype=torch.float32),
-        mask=torch.tensor(mask, dtype=torch.float32),
-        advantages=torch.tensor(adv, dtype=torch.float32),
-        lengths=lengths,
-        tokens=sum(len(it.ids) for it in items),
-        prefix_ids=torch.tensor([items[0].ids[:p]], dtype=torch.long),
-    )
+    return _batch(items, input_ids, attention, rows, positions, torch.tensor([items[0].ids[:p]], dtype=torch.long))
 
 
 def _head_logprobs(
