@@ -25,8 +25,15 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mock_openai import FastClient
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network for the cost map
+# Newer LiteLLM refuses to start its proxy without a master key; agentlightning's LLMProxy sets none
+# (the LiteLLM it was released with did not ask), so allow that on loopback as it ran then.
+os.environ.setdefault("LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY", "true")
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -57,8 +64,6 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 async def client(args: argparse.Namespace) -> dict:
-    import httpx
-
     import agentlightning as agl
     from agentlightning.emitter.reward import emit_reward
     from agentlightning.types import EnqueueRolloutRequest, Span
@@ -67,8 +72,10 @@ async def client(args: argparse.Namespace) -> dict:
     await store.enqueue_many_rollouts(
         [EnqueueRolloutRequest(input={"task": i}, mode="train") for i in range(args.rollouts)]
     )
-    http = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000))
-    body = {"model": "mock-model", "messages": [{"role": "user", "content": "What is 6 * 7?"}], "max_tokens": 16}
+    http = FastClient.for_url(args.proxy_url)  # the same lean load generator for every system
+    body = json.dumps(
+        {"model": "mock-model", "messages": [{"role": "user", "content": "What is 6 * 7?"}], "max_tokens": 16}
+    ).encode()
     done: list[str] = []
     latencies: list[float] = []
 
@@ -78,11 +85,12 @@ async def client(args: argparse.Namespace) -> dict:
             if ar is None:
                 return
             rid, aid = ar.rollout_id, ar.attempt.attempt_id
-            url = f"{args.proxy_url}/rollout/{rid}/attempt/{aid}/v1/chat/completions"
+            path = f"/rollout/{rid}/attempt/{aid}/v1/chat/completions"
             for _ in range(args.calls):
                 t = time.perf_counter()
-                r = await http.post(url, json=body)
-                r.raise_for_status()
+                status, answer = await http.post(path, body)
+                if status != 200:
+                    raise RuntimeError(f"LLM call failed: {status} {answer[:300]!r}")
                 latencies.append(time.perf_counter() - t)
             core = emit_reward(1.0, propagate=False)
             seq = await store.get_next_span_sequence_id(rid, aid)
@@ -103,7 +111,7 @@ async def client(args: argparse.Namespace) -> dict:
             await asyncio.sleep(0.05)
     t_spans = time.perf_counter() - t0
     missing = len(pending)
-    await http.aclose()
+    await http.close()
     await store.close()
     latencies.sort()
     return {
@@ -118,6 +126,16 @@ async def client(args: argparse.Namespace) -> dict:
     }
 
 
+async def start_rollout(args: argparse.Namespace) -> None:
+    """Print `<rollout_id> <attempt_id>` of a fresh running attempt (for bench_gateway_overhead.py)."""
+    import agentlightning as agl
+
+    store = agl.LightningStoreClient(args.store_url)
+    ar = await store.start_rollout(input={"task": "latency"})
+    print(ar.rollout_id, ar.attempt.attempt_id, flush=True)
+    await store.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--serve", action="store_true")
@@ -130,6 +148,7 @@ def main() -> None:
     ap.add_argument("--runners", type=int, default=100)
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--span-wait-s", type=float, default=120.0)
+    ap.add_argument("--start-rollout", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     for name in ("agentlightning", "LiteLLM", "litellm", "httpx", "uvicorn"):
@@ -138,6 +157,8 @@ def main() -> None:
         if not args.store_port or not args.proxy_port:
             sys.exit("--serve needs --store-port and --proxy-port")
         asyncio.run(serve(args))
+    elif args.start_rollout:
+        asyncio.run(start_rollout(args))
     else:
         print(json.dumps(asyncio.run(client(args))), flush=True)
 

@@ -139,6 +139,74 @@ async def serve(port: int, host: str = "127.0.0.1") -> None:
         await server.serve_forever()
 
 
+class FastClient:
+    """Minimal keep-alive HTTP/1.1 client (POST JSON, read the whole answer) for benchmark load.
+
+    httpx spends about a millisecond of CPU per request and its pool slows down with many
+    connections; with two cores that would measure the load generator, not the server.
+    Handles content-length and chunked answers (uvicorn streams SSE chunked).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    @classmethod
+    def for_url(cls, url: str) -> FastClient:
+        hostport = url.split("://", 1)[1].split("/", 1)[0]
+        host, _, port = hostport.rpartition(":")
+        return cls(host, int(port))
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        if self._idle:
+            reader, writer = self._idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{extra}\r\n".encode()
+            + body
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length, chunked, close = None, False, False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                close = b"close" in value.lower()
+        if chunked:
+            parts = []
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+                data = await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                parts.append(data[:-2])
+            data = b"".join(parts)
+        elif length is not None:
+            data = await reader.readexactly(length)
+        else:
+            data = await reader.read()
+            close = True
+        if close:
+            writer.close()
+        else:
+            self._idle.append((reader, writer))
+        return status, data
+
+    async def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,7 +215,9 @@ def free_port() -> int:
 
 def start_mock(python: str = sys.executable) -> tuple[subprocess.Popen, str]:
     """Start the mock in a subprocess; returns (process, base URL ending in /v1)."""
-    proc = subprocess.Popen([python, os.path.abspath(__file__), "--port", "0"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [python, os.path.abspath(__file__), "--port", "0"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     line = proc.stdout.readline().strip()  # type: ignore[union-attr]
     if not line.startswith("READY "):
         proc.kill()

@@ -3,7 +3,11 @@
 All database work of one SqliteStore runs on one dedicated thread owning one connection
 (`sqlite_worker`), which batches concurrent requests into group-commit transactions; a call
 returns only after its transaction committed (WAL + synchronous=NORMAL survives a killed
-process). This module holds the Store methods; the schema, row conversion and shared
+process). Point reads the gateway makes on every call (get_rollout, query_attempts,
+get_latest_attempt) run right on the caller's thread with a second, read-only connection: a
+WAL reader never waits for writers, and the hop to the database thread and back costs more
+than the query. Anything else, and those reads when SQLite answers busy, go through the
+thread. This module holds the Store methods; the schema, row conversion and shared
 statements live in `sqlite_schema`, `sqlite_rows` and `sqlite_queries`. Lifecycle rules come
 from `lifecycle`, shared with the memory store.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -67,6 +72,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_S = 0.25  # wait_for_rollouts re-reads the file this often (other processes may finish rollouts)
+READ_BUSY_S = 0.05  # a direct read that finds the file busy this long goes through the database thread
+_BUSY = object()
 
 
 class SqliteStore(Store):
@@ -83,6 +90,35 @@ class SqliteStore(Store):
         self._waiters: set[asyncio.Future] = set()
         self._sweep_interval_s = sweep_interval_s
         self._last_sweep = time.monotonic()
+        self._reader: sqlite3.Connection | None = None
+        self._reader_thread = 0
+
+    def _read_direct(self, fn: Callable[[sqlite3.Connection], T]) -> T | object:
+        """Run a small read in one read transaction on this thread; _BUSY if it cannot (then use _call)."""
+        if self.path == ":memory:" or self._closed:
+            return _BUSY
+        if self._reader is None:
+            self._reader = sqlite3.connect(self.path, timeout=READ_BUSY_S, isolation_level=None,
+                                           check_same_thread=False)  # fmt: skip
+            self._reader.execute("PRAGMA query_only = ON")
+            self._reader_thread = threading.get_ident()
+        elif self._reader_thread != threading.get_ident():
+            return _BUSY  # one thread per connection: callers on other threads use the database thread
+        conn = self._reader
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.OperationalError:
+            return _BUSY
+        try:
+            return fn(conn)
+        except sqlite3.OperationalError:
+            return _BUSY
+        finally:
+            conn.execute("COMMIT")
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        value = self._read_direct(fn)
+        return await self._call(fn, write=False) if value is _BUSY else value  # type: ignore[return-value]
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
         if self._closed:
@@ -108,6 +144,9 @@ class SqliteStore(Store):
             return
         self._closed = True
         self._finalizer.detach()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         await asyncio.to_thread(self._db.stop)
 
     # ------------------------------------------------------------------ rollouts
@@ -166,7 +205,7 @@ class SqliteStore(Store):
         return await self._call(op)
 
     async def get_rollout(self, rollout_id: str) -> Rollout:
-        return await self._call(lambda conn: q.get_rollout(conn, rollout_id), write=False)
+        return await self._read(lambda conn: q.get_rollout(conn, rollout_id))
 
     async def query_rollouts(
         self,
@@ -263,10 +302,10 @@ class SqliteStore(Store):
             )
             return [attempt_from_row(row) for row in rows]
 
-        return await self._call(op, write=False)
+        return await self._read(op)
 
     async def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
-        return await self._call(lambda conn: q.latest_attempt(conn, q.get_rollout(conn, rollout_id)), write=False)
+        return await self._read(lambda conn: q.latest_attempt(conn, q.get_rollout(conn, rollout_id)))
 
     async def update_attempt(
         self,
