@@ -91,3 +91,24 @@ async def _spans_of_step(db, prefix):
         return out
     finally:
         await store.close()
+
+
+def test_grpo_resumes_from_checkpoint_after_a_crash(tmp_path, tiny_dir):
+    """A second run on the same run_dir continues at the saved step instead of starting over."""
+
+    def algorithm(steps):
+        return GRPO(
+            model_dir=tiny_dir,
+            steps=steps,
+            tasks_per_step=1,
+            samples_per_task=2,
+            config=GRPOConfig(lr=1e-3, lora=LoraSettings(r=4, alpha=8), bf16=False),
+        )
+
+    tasks = make_tasks(4, seed=3)
+    first = Trainer(algorithm(1), n_runners=2, engine="tiny", run_dir=tmp_path / "run").fit(calculator_agent, tasks)
+    assert [h["step"] for h in first.history] == [1]
+    second = Trainer(algorithm(2), n_runners=2, engine="tiny", run_dir=tmp_path / "run").fit(calculator_agent, tasks)
+    # Only step 2 ran again; the history file carries step 1 from the first run.
+    assert [h["step"] for h in second.history] == [1, 2]
+    assert (tmp_path / "run" / "adapters" / "step-2" / "adapter_config.json").exists()
