@@ -120,10 +120,12 @@ class GRPO(Algorithm):
         checkpoint = run_dir / CHECKPOINT_DIR
         if self.resume and (checkpoint / "trainer_state.pt").exists():
             await asyncio.to_thread(learner.load_checkpoint, checkpoint)
-            start_step = learner.step // max(1, self.config.epochs)
-            log.info("resumed GRPO from %s at step %d", checkpoint, start_step)
             if history_path.exists():
                 result.history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+            # The history, not the optimizer, counts steps: a step whose group had no signal
+            # makes no optimizer step but still consumed its tasks.
+            start_step = result.history[-1]["step"] if result.history else 0
+            log.info("resumed GRPO from %s at step %d", checkpoint, start_step)
         elif history_path.exists():
             history_path.unlink()
 
@@ -139,7 +141,7 @@ class GRPO(Algorithm):
             best_val = result.val_before
             result.best_val = best_val
 
-        rng = random.Random(self.seed + start_step)
+        rng = random.Random(self.seed)  # same task order as the run being resumed
         order = list(range(len(train_data)))
         rng.shuffle(order)
         cursor = (start_step * self.tasks_per_step) % len(order)
