@@ -187,7 +187,11 @@ class GRPO(Algorithm):
                 "train_reward": mean_reward(outcomes),
                 "sample_s": round(sample_s, 2),
                 "elapsed_s": round(time.monotonic() - started, 1),
-                **{k: metrics[k] for k in ("loss", "transitions", "trained_tokens", "tokens_per_s", "time_s") if k in metrics},
+                **{
+                    k: metrics[k]
+                    for k in ("loss", "transitions", "trained_tokens", "tokens_per_s", "time_s")
+                    if k in metrics
+                },
             }
             last = step == self.steps or (
                 self.time_budget_s is not None and time.monotonic() - started > self.time_budget_s
@@ -210,7 +214,9 @@ class GRPO(Algorithm):
             best_path = result.best_checkpoint
             resources = await self._publish(ctx, best_path, {"step": "best"})
             last_val = next((h["val_reward"] for h in reversed(result.history) if "val_reward" in h), None)
-            result.val_after = result.best_val if best_path else (last_val if last_val is not None else result.val_before)
+            result.val_after = (
+                result.best_val if best_path else (last_val if last_val is not None else result.val_before)
+            )
         result.elapsed_s = time.monotonic() - started
         result.extra["final_resources_id"] = resources.resources_id
         return result

@@ -88,7 +88,11 @@ def demo(
     train = make_tasks(train_size, seed=1, prefix="train")
     val = make_tasks(val_size, seed=2, prefix="val")
     algorithm = build_demo_algorithm(
-        steps=steps, time_budget_s=time_budget, lr=lr, tasks_per_step=tasks_per_step, samples=samples,
+        steps=steps,
+        time_budget_s=time_budget,
+        lr=lr,
+        tasks_per_step=tasks_per_step,
+        samples=samples,
         eval_every=eval_every,
         model_dir=str(tiny_model_dir()) if engine == "tiny" else None,
     )
@@ -124,7 +128,9 @@ def demo(
     elapsed = time.monotonic() - started
 
     plot = plot_reward_history(
-        result.history, run_dir / "reward.png", val_before=result.val_before,
+        result.history,
+        run_dir / "reward.png",
+        val_before=result.val_before,
         title="AgentKiln demo: calculator agent, GRPO + LoRA on CPU",
     )
     summary = {**asdict(result), "total_s": elapsed, "plot": str(plot)}
@@ -134,7 +140,9 @@ def demo(
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("validation accuracy before", f"{result.val_before:.3f}" if result.val_before is not None else "-")
-    table.add_row("validation accuracy after (best)", f"{result.val_after:.3f}" if result.val_after is not None else "-")
+    table.add_row(
+        "validation accuracy after (best)", f"{result.val_after:.3f}" if result.val_after is not None else "-"
+    )
     table.add_row("GRPO steps", str(len(result.history)))
     table.add_row("training time", f"{result.elapsed_s:.0f} s")
     table.add_row("total time", f"{elapsed:.0f} s")

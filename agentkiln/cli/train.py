@@ -63,15 +63,33 @@ def train(
     from agentkiln.trainer import Trainer
 
     algo = _build_algorithm(
-        algorithm, model_dir=model_dir, steps=steps, tasks_per_step=tasks_per_step, samples=samples, lr=lr,
-        temperature=temperature, agent_match=agent_match, eval_every=eval_every, resume=resume,
-        min_reward=min_reward, prompt_name=prompt_name, prompt=prompt, beam=beam,
-        optimizer_url=optimizer_url, optimizer_model=optimizer_model, optimizer_key=optimizer_key,
+        algorithm,
+        model_dir=model_dir,
+        steps=steps,
+        tasks_per_step=tasks_per_step,
+        samples=samples,
+        lr=lr,
+        temperature=temperature,
+        agent_match=agent_match,
+        eval_every=eval_every,
+        resume=resume,
+        min_reward=min_reward,
+        prompt_name=prompt_name,
+        prompt=prompt,
+        beam=beam,
+        optimizer_url=optimizer_url,
+        optimizer_model=optimizer_model,
+        optimizer_key=optimizer_key,
     )
     trainer = Trainer(algo, server_url=server, api_key=api_key, run_dir=run_dir)
     result = trainer.fit(None, read_tasks(train_file), read_tasks(val_file) if val_file else None)
-    summary = {"algorithm": algorithm, "val_before": result.val_before, "val_after": result.val_after,
-               "best_checkpoint": result.best_checkpoint, "steps": len(result.history)}
+    summary = {
+        "algorithm": algorithm,
+        "val_before": result.val_before,
+        "val_after": result.val_after,
+        "best_checkpoint": result.best_checkpoint,
+        "steps": len(result.history),
+    }
     if "best_prompt" in result.extra:
         summary["best_prompt"] = result.extra["best_prompt"]
     typer.echo(json.dumps(summary))
@@ -83,17 +101,29 @@ def _build_algorithm(name: str, **o: Any) -> Any:
         from agentkiln.algorithms.grpo_algorithm import GRPO
 
         return GRPO(
-            model_dir=o["model_dir"], steps=o["steps"], tasks_per_step=o["tasks_per_step"], samples_per_task=o["samples"],
-            temperature=o["temperature"], agent_match=o["agent_match"], eval_every=o["eval_every"], resume=o["resume"],
+            model_dir=o["model_dir"],
+            steps=o["steps"],
+            tasks_per_step=o["tasks_per_step"],
+            samples_per_task=o["samples"],
+            temperature=o["temperature"],
+            agent_match=o["agent_match"],
+            eval_every=o["eval_every"],
+            resume=o["resume"],
             config=GRPOConfig(lr=o["lr"]),
         )
     if name == "sft":
         from agentkiln.algorithms.sft import SFT, SFTConfig
 
         return SFT(
-            model_dir=o["model_dir"], rounds=o["steps"], tasks_per_round=o["tasks_per_step"],
-            samples_per_task=o["samples"], temperature=o["temperature"], agent_match=o["agent_match"],
-            eval_every=o["eval_every"], min_reward=o["min_reward"], config=SFTConfig(lr=o["lr"]),
+            model_dir=o["model_dir"],
+            rounds=o["steps"],
+            tasks_per_round=o["tasks_per_step"],
+            samples_per_task=o["samples"],
+            temperature=o["temperature"],
+            agent_match=o["agent_match"],
+            eval_every=o["eval_every"],
+            min_reward=o["min_reward"],
+            config=SFTConfig(lr=o["lr"]),
         )
     if name == "apo":
         from agentkiln.algorithms.apo import APO, OptimizerLLM
@@ -102,7 +132,10 @@ def _build_algorithm(name: str, **o: Any) -> Any:
         if prompt is not None and prompt.startswith("@"):
             prompt = Path(prompt[1:]).read_text()
         return APO(
-            prompt_name=o["prompt_name"], initial_prompt=prompt, rounds=o["steps"], beam_width=o["beam"],
+            prompt_name=o["prompt_name"],
+            initial_prompt=prompt,
+            rounds=o["steps"],
+            beam_width=o["beam"],
             train_batch_size=max(1, o["tasks_per_step"]),
             optimizer=OptimizerLLM(base_url=o["optimizer_url"], model=o["optimizer_model"], api_key=o["optimizer_key"]),
         )
@@ -111,10 +144,14 @@ def _build_algorithm(name: str, **o: Any) -> Any:
 
 @app.command("train-offline")
 def train_offline_cmd(
-    store: str = typer.Option(..., "--store", help="store to read traces from: runs/kiln.db, sqlite:///..., or a server URL"),
+    store: str = typer.Option(
+        ..., "--store", help="store to read traces from: runs/kiln.db, sqlite:///..., or a server URL"
+    ),
     algorithm: str = typer.Option("sft", help="sft (imitate the best rollouts) or grpo (group advantages)"),
     out: Path = typer.Option(Path("runs/offline"), help="output folder: adapter/ and offline_result.json"),
-    model_dir: Optional[str] = typer.Option(None, help="weights to fine-tune (default: SmolLM2); the traces' model for grpo"),
+    model_dir: Optional[str] = typer.Option(
+        None, help="weights to fine-tune (default: SmolLM2); the traces' model for grpo"
+    ),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KILN_API_KEY"),
     mode: Optional[str] = typer.Option(None, help="only rollouts of this mode (train/val/test)"),
     agent_match: Optional[str] = typer.Option(None, help="regex on agent names"),
@@ -136,13 +173,27 @@ def train_offline_cmd(
     traces = asyncio.run(load_traces_from(store, api_key=api_key, mode=mode, limit=limit))
     config = OfflineConfig(
         algorithm=algorithm,  # type: ignore[arg-type]
-        model_dir=model_dir, agent_match=agent_match, merge_turns=merge, min_reward=min_reward, top_k=top_k,
-        epochs=epochs, sft=SFTConfig(lr=lr), grpo=GRPOConfig(lr=lr, temperature=temperature),
+        model_dir=model_dir,
+        agent_match=agent_match,
+        merge_turns=merge,
+        min_reward=min_reward,
+        top_k=top_k,
+        epochs=epochs,
+        sft=SFTConfig(lr=lr),
+        grpo=GRPOConfig(lr=lr, temperature=temperature),
     )
     result = train_offline(traces, out, config)
-    typer.echo(json.dumps({"rollouts": result.rollouts, "transitions": result.transitions,
-                           "trained_transitions": result.trained_transitions, "adapter": result.adapter,
-                           "skipped": result.skipped}))
+    typer.echo(
+        json.dumps(
+            {
+                "rollouts": result.rollouts,
+                "transitions": result.transitions,
+                "trained_transitions": result.trained_transitions,
+                "adapter": result.adapter,
+                "skipped": result.skipped,
+            }
+        )
+    )
 
 
 @app.command("export")

@@ -75,9 +75,7 @@ class Trainer:
             self._server = None
 
     # ------------------------------------------------------------------ fit
-    def fit(
-        self, agent: Any, train_data: Sequence[Any], val_data: Optional[Sequence[Any]] = None
-    ) -> TrainingResult:
+    def fit(self, agent: Any, train_data: Sequence[Any], val_data: Optional[Sequence[Any]] = None) -> TrainingResult:
         """Train `agent` (a @kiln.rollout function, kiln.Agent or "module:attr") on the tasks.
 
         agent=None: runners are started elsewhere (`kiln run ... --server URL`); only the
