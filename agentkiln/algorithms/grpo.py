@@ -388,6 +388,17 @@ class GRPOLearner:
         out.extend(rest[i : i + size] for i in range(0, len(rest), size))
         return out
 
+    def _optimizer_step(self, max_grad_norm: float) -> tuple[bool, float]:
+        """Clip, then step unless the gradient is non-finite (a bad batch must not poison the weights)."""
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm))
+        if not math.isfinite(grad_norm):
+            log.warning("non-finite gradient norm; optimizer step skipped")
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, grad_norm
+        self.optimizer.step()
+        self.step += 1
+        return True, grad_norm
+
     def update(self, transitions: Sequence[Transition]) -> dict[str, float]:
         """One GRPO update (config.epochs optimizer steps) on a batch; returns metrics."""
         cfg = self.config
@@ -439,14 +450,8 @@ class GRPOLearner:
                     sums["approx_kl_old"] += float((0.5 * log_ratio**2 * m).sum())
                     counted += float(m.sum())
                 forwarded += batch.tokens
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm))
-            if not math.isfinite(grad_norm):
-                log.warning("non-finite gradient norm; optimizer step skipped")
-                self.optimizer.zero_grad(set_to_none=True)
-                continue
-            self.optimizer.step()
-            self.step += 1
-            steps += 1
+            stepped, grad_norm = self._optimizer_step(cfg.max_grad_norm)
+            steps += int(stepped)
         elapsed = time.perf_counter() - t0
         self.tokens_seen += forwarded
         denom = max(counted, 1.0)

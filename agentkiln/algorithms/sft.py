@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
 import shutil
 import time
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from agentkiln.adapter.credit import CreditConfig
 from agentkiln.adapter.transitions import build_batch
@@ -105,13 +103,9 @@ class SFTLearner(GRPOLearner):
                     loss.backward()
                     loss_sum += float(loss.detach())
                     forwarded += batch.tokens
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm))
-                if not math.isfinite(grad_norm):
-                    log.warning("non-finite gradient norm; SFT step skipped")
-                    self.optimizer.zero_grad(set_to_none=True)
+                stepped, _ = self._optimizer_step(cfg.max_grad_norm)
+                if not stepped:
                     continue
-                self.optimizer.step()
-                self.step += 1
                 steps += 1
                 tokens += total
                 losses.append(loss_sum)
