@@ -181,13 +181,13 @@ class _Gateway:
         store = self._get_store(request)
         if store is None:
             raise GatewayError(503, "No store is attached to this server", type="server_error", code="store_missing")
-        try:
-            await store.get_rollout(rid)
+        try:  # one store read on this hot path: query_attempts also tells an unknown rollout
+            attempts = await store.query_attempts(rid)
         except NotFoundError:
             raise GatewayError(
                 404, f"Rollout '{rid}' not found", type="not_found_error", code="rollout_not_found"
             ) from None
-        attempt = next((a for a in await store.query_attempts(rid) if a.attempt_id == aid), None)
+        attempt = next((a for a in attempts if a.attempt_id == aid), None)
         if attempt is None:
             raise GatewayError(
                 404, f"Attempt '{aid}' of rollout '{rid}' not found", type="not_found_error", code="attempt_not_found"

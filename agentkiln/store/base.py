@@ -120,7 +120,7 @@ class Store(abc.ABC):
     # ------------------------------------------------------------------ attempts
     @abc.abstractmethod
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
-        """Ordered by sequence_id."""
+        """Ordered by sequence_id. Raises NotFoundError for an unknown rollout (the gateway relies on it)."""
 
     @abc.abstractmethod
     async def get_latest_attempt(self, rollout_id: str) -> Optional[Attempt]: ...
