@@ -14,11 +14,11 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agentkiln.engine.base import ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.gateway import openai_schema as oai
@@ -34,6 +34,8 @@ from agentkiln.gateway.recording import (
 from agentkiln.models import AttemptStatus, SpanIn
 from agentkiln.runner.identity import is_valid_agent_name
 from agentkiln.store.base import NotFoundError, Store, StoreError
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,15 @@ def _token_text_fn(engine: Engine) -> Callable[[int], str]:
     if tokenizer is not None and hasattr(tokenizer, "decode"):
         return lambda tid: tokenizer.decode([tid])
     return lambda tid: ""
+
+
+async def _validated_body(request: Request, model: type[_Body]) -> _Body:
+    """The JSON body parsed into `model`; invalid input becomes an OpenAI-shaped 4xx."""
+    raw = await _read_json(request)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise oai.validation_error_to_gateway(exc) from None
 
 
 async def _read_json(request: Request) -> dict[str, Any]:
@@ -327,11 +338,7 @@ class _Gateway:
             return _error_response(err)
 
     async def _chat_completions(self, request: Request) -> Any:
-        raw = await _read_json(request)
-        try:
-            body = oai.ChatCompletionRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise oai.validation_error_to_gateway(exc) from None
+        body = await _validated_body(request, oai.ChatCompletionRequest)
         engine_req = oai.chat_request_to_engine(body, self._default_max_tokens)
         engine = self._engine(request)
         target = await self._target(request)
@@ -422,11 +429,7 @@ class _Gateway:
             return _error_response(err)
 
     async def _responses(self, request: Request) -> Any:
-        raw = await _read_json(request)
-        try:
-            body = oai.ResponsesRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise oai.validation_error_to_gateway(exc) from None
+        body = await _validated_body(request, oai.ResponsesRequest)
         engine_req = oai.responses_request_to_engine(body, self._default_max_tokens)
         engine = self._engine(request)
         target = await self._target(request)
