@@ -64,6 +64,9 @@ class GRPO(Algorithm):
     curriculum: Optional[Any] = None
 
     # ------------------------------------------------------------------ helpers
+    def _out_of_time(self, started: float) -> bool:
+        return self.time_budget_s is not None and time.monotonic() - started > self.time_budget_s
+
     def _learner(self) -> Any:
         from dataclasses import replace
 
@@ -150,7 +153,7 @@ class GRPO(Algorithm):
             self.curriculum.load(curriculum_path)
 
         for step in range(start_step + 1, self.steps + 1):
-            if self.time_budget_s is not None and time.monotonic() - started > self.time_budget_s:
+            if self._out_of_time(started):
                 log.info("time budget of %.0fs reached after %d steps", self.time_budget_s, step - 1)
                 break
             tasks = []
@@ -193,9 +196,7 @@ class GRPO(Algorithm):
                     if k in metrics
                 },
             }
-            last = step == self.steps or (
-                self.time_budget_s is not None and time.monotonic() - started > self.time_budget_s
-            )
+            last = step == self.steps or self._out_of_time(started)
             if val_data and (step % self.eval_every == 0 or last):
                 val = await self._validate(ctx, val_data, resources, f"step-{step}")
                 record["val_reward"] = val
