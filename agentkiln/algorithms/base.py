@@ -32,25 +32,33 @@ class TrainingContext:
     api_key: Optional[str] = None
     on_event: ProgressCallback = field(default=lambda kind, data: None)
 
-    async def engine_status(self) -> dict[str, Any]:
+    def _client(self) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        async with httpx.AsyncClient(base_url=self.server_url, headers=headers, timeout=30) as client:
-            response = await client.get("/api/v1/engine")
-            response.raise_for_status()
-            return response.json()
+        return httpx.AsyncClient(base_url=self.server_url, headers=headers, timeout=30)
+
+    @staticmethod
+    async def _engine_status(client: httpx.AsyncClient) -> dict[str, Any]:
+        response = await client.get("/api/v1/engine")
+        response.raise_for_status()
+        return response.json()
+
+    async def engine_status(self) -> dict[str, Any]:
+        async with self._client() as client:
+            return await self._engine_status(client)
 
     async def wait_for_resources_served(self, resources_id: str, timeout: float = 300.0) -> None:
         """Block until the server's engine serves `resources_id` (no rollout runs on stale weights)."""
         deadline = time.monotonic() + timeout
-        while True:
-            status = await self.engine_status()
-            if status.get("engine") is None or status.get("loaded_resources_id") == resources_id:
-                return
-            if status.get("last_error"):
-                raise RuntimeError(f"engine could not load {resources_id}: {status['last_error']}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"engine did not load resources {resources_id} within {timeout}s")
-            await asyncio.sleep(0.1)
+        async with self._client() as client:  # one connection for the whole poll, not one per poll
+            while True:
+                status = await self._engine_status(client)
+                if status.get("engine") is None or status.get("loaded_resources_id") == resources_id:
+                    return
+                if status.get("last_error"):
+                    raise RuntimeError(f"engine could not load {resources_id}: {status['last_error']}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"engine did not load resources {resources_id} within {timeout}s")
+                await asyncio.sleep(0.1)
 
 
 @dataclass

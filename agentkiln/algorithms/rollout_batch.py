@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -67,12 +68,13 @@ async def run_rollouts(
             finished[rid] = await store.cancel_rollout(rid)
         except Exception:  # finished in the meantime
             finished[rid] = await store.get_rollout(rid)
-    outcomes = []
-    for rid in ids:
-        attempts = await store.query_attempts(rid)
-        spans = await store.query_spans(rid)
-        outcomes.append(RolloutOutcome(rollout=finished[rid], attempts=attempts, spans=spans))
-    return outcomes
+
+    async def outcome(rid: str) -> RolloutOutcome:
+        attempts, spans = await asyncio.gather(store.query_attempts(rid), store.query_spans(rid))
+        return RolloutOutcome(rollout=finished[rid], attempts=attempts, spans=spans)
+
+    # Independent reads: fetch them concurrently instead of 2 round trips per rollout in turn.
+    return list(await asyncio.gather(*(outcome(rid) for rid in ids)))
 
 
 def mean_reward(outcomes: Sequence[RolloutOutcome]) -> float:
