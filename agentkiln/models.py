@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_INPUT_BYTES = 1_000_000
 MAX_ATTRIBUTES_BYTES = 4_000_000
 MAX_NAME_LENGTH = 512
+# Agent names travel in URL paths, headers and regexes (see agentkiln.runner.identity).
+AGENT_NAME_PATTERN = r"[A-Za-z0-9_.\-]{1,128}"
 
 
 def new_id(prefix: str) -> str:
@@ -219,10 +221,23 @@ class SpanAttrs:
 
 
 class LLMEndpoint(_Wire):
+    """A model agents call. With `agent` set, it names the weights served to that agent's calls.
+
+    Per-agent weights (multi-agent training, each agent its own LoRA): the server's engine serves
+    `adapter_path` to every call made by agent `agent` (the name from `llm.for_agent(name)`,
+    `kiln.agent(name)` or X-Kiln-Agent); agents without such an endpoint get the main weights
+    (the endpoint named "main", or the first one without `agent`).
+    """
+
     endpoint: Optional[str] = Field(default=None, description="OpenAI base URL; runners rewrite it per attempt")
     model: str
     sampling: dict[str, Any] = Field(default_factory=dict)
     adapter_path: Optional[str] = Field(default=None, description="LoRA adapter or full weights to serve")
+    agent: Optional[str] = Field(
+        default=None,
+        pattern=f"^{AGENT_NAME_PATTERN}$",
+        description="serve adapter_path to this agent's calls only (None: an ordinary endpoint)",
+    )
 
 
 class PromptTemplate(_Wire):
@@ -241,6 +256,28 @@ class ResourcesIn(_Wire):
     llms: dict[str, LLMEndpoint] = Field(default_factory=dict)
     prompts: dict[str, PromptTemplate] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("llms")
+    @classmethod
+    def _one_endpoint_per_agent(cls, llms: dict[str, LLMEndpoint]) -> dict[str, LLMEndpoint]:
+        seen: dict[str, str] = {}
+        for key, llm in llms.items():
+            if llm.agent is not None:
+                if llm.agent in seen:
+                    raise ValueError(f"agent {llm.agent!r} has two endpoints: {seen[llm.agent]!r} and {key!r}")
+                seen[llm.agent] = key
+        return llms
+
+    def main_llm(self) -> Optional[LLMEndpoint]:
+        """The endpoint every agent without its own weights is served: "main", else the first non-agent one."""
+        main = self.llms.get("main")
+        if main is not None and main.agent is None:
+            return main
+        return next((llm for llm in self.llms.values() if llm.agent is None), None)
+
+    def agent_llms(self) -> dict[str, LLMEndpoint]:
+        """Agent name -> the endpoint naming that agent's own weights."""
+        return {llm.agent: llm for llm in self.llms.values() if llm.agent is not None}
 
 
 class Resources(ResourcesIn):

@@ -1,9 +1,13 @@
 """CrewAI: a two-agent crew (solver with a tool, then a reviewer) over AgentKiln's gateway.
 
-CrewAI pins `openai<3`, so it cannot share an environment with openai-agents 0.24: install it in
-its own virtual environment (see examples/README.md). Each agent's `LLM` gets a base URL naming it
-(`llm.for_agent(...)`); the `openai/` model prefix makes CrewAI speak the OpenAI protocol to it.
-Run (in the crewai venv): `kiln run examples.crewai_agent:agent --server http://127.0.0.1:4747`.
+CrewAI pins `openai<3`, so it cannot share an environment with openai-agents 0.24: it runs in its
+own virtual environment, `.venv-crewai` (`bash scripts/setup_crewai.sh`, see examples/README.md).
+Each agent's `LLM` gets a base URL naming it (`llm.for_agent(...)`): the crew runs both agents in
+one process, so only the URL tells their calls apart. The `openai/` model prefix makes CrewAI use
+its native OpenAI provider (the `openai` SDK; LiteLLM is not involved) against that URL.
+Run (in the crewai venv; the variable keeps CrewAI from sending telemetry):
+`CREWAI_DISABLE_TELEMETRY=true .venv-crewai/bin/kiln run examples.crewai_agent:agent --server URL`.
+Tested by tests/test_frameworks_crewai.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# CrewAI's own venv for tests/test_frameworks_crewai.py (~1 min cold, once per checkout; ~1 GB, no torch).
+bash scripts/setup_crewai.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m pytest -m "not slow" "$@"
 # exit code 5 = no test selected (e.g. a -k filter that matches no slow test): not a failure.

@@ -122,6 +122,9 @@ class ScriptedEngine(Engine):
         result = self._result(request)
         ids = result.choices[0].response_ids
         step = self.stream_chunk_chars
+        if step <= 0:  # the whole answer at once, as from an upstream whose stream came in one read
+            yield StreamDelta(index=0, text=decode(ids), token_ids=ids, final=result)
+            return
         for n, start in enumerate(range(0, len(ids), step)):
             if self.fail_stream_after is not None and n >= self.fail_stream_after:
                 raise RuntimeError("scripted engine died mid-stream")

@@ -174,6 +174,18 @@ async def test_update_attempt_success_finishes_rollout(store: Store) -> None:
         await store.heartbeat_attempt(rid, aid)
 
 
+async def test_attempt_statuses(store: Store) -> None:
+    queued = await store.enqueue_rollout("q")
+    assert await store.attempt_statuses(queued.rollout_id) == {}  # known rollout, no attempt yet
+    ar = await store.dequeue_rollout()
+    rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
+    assert await store.attempt_statuses(rid) == {aid: AttemptStatus.running}
+    await store.update_attempt(rid, aid, status=AttemptStatus.succeeded)
+    assert await store.attempt_statuses(rid) == {aid: AttemptStatus.succeeded}
+    with pytest.raises(NotFoundError):
+        await store.attempt_statuses("ro-nope")
+
+
 async def test_update_attempt_failure_without_retry(store: Store) -> None:
     await store.enqueue_rollout("x")
     ar = await store.dequeue_rollout()

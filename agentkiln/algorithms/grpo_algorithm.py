@@ -4,6 +4,10 @@ Each step enqueues `samples_per_task` rollouts of `tasks_per_step` tasks (one GR
 task), waits for the runners, adapts the spans into transitions with per-rollout group
 advantages, runs one learner update, and publishes the new LoRA adapter as a resources
 version that the server's engine swaps in before the next step samples.
+
+With `agents=[...]` it trains one LoRA per agent of a multi-agent program instead (see
+agentkiln.algorithms.agent_policies): every step updates each agent's learner on that agent's
+calls only and publishes all their adapters in one resources version.
 """
 
 from __future__ import annotations
@@ -20,17 +24,27 @@ from typing import Any, Optional, Sequence
 
 from agentkiln.adapter.credit import CreditConfig
 from agentkiln.adapter.transitions import build_batch
+from agentkiln.algorithms.agent_policies import (
+    BEST_DIR,
+    CHECKPOINT_DIR,
+    AgentSpec,
+    Policy,
+    agent_patterns,
+    plan_policies,
+    published_llms,
+)
 from agentkiln.algorithms.base import Algorithm, TrainingContext, TrainingResult
 from agentkiln.algorithms.grpo import GRPOConfig
 from agentkiln.algorithms.rollout_batch import RolloutOutcome, mean_reward, run_rollouts
-from agentkiln.models import LLMEndpoint, Resources, ResourcesIn, RolloutConfig, RolloutMode
+from agentkiln.models import Resources, ResourcesIn, RolloutConfig, RolloutMode
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
-BEST_DIR = "best"
+__all__ = ["BEST_DIR", "CHECKPOINT_DIR", "CURRICULUM_FILE", "GRPO", "HISTORY_FILE"]
+
 HISTORY_FILE = "history.jsonl"
 CURRICULUM_FILE = "curriculum.json"
+_METRIC_KEYS = ("loss", "transitions", "trained_tokens", "tokens_per_s", "time_s")
 
 
 @dataclass
@@ -41,6 +55,10 @@ class GRPO(Algorithm):
         converted SmolLM2 copy). steps / time_budget_s: stop at whichever comes first.
     eval_every: validate every k steps (and before/after); the best adapter by validation
         reward is kept in run_dir/best and served at the end.
+    agent_match: regex over agent names: train the one model on only those agents' calls.
+    agents: train a separate LoRA per agent instead: a list of agent names, or a mapping
+        name -> regex over recorded agent names. Each agent's adapter is served to its own
+        calls only; agents not listed keep the base weights. Exclusive with agent_match.
     """
 
     model_dir: Optional[str] = None
@@ -50,6 +68,7 @@ class GRPO(Algorithm):
     config: GRPOConfig = field(default_factory=GRPOConfig)
     credit: CreditConfig = field(default_factory=CreditConfig)
     agent_match: Optional[str] = None
+    agents: Optional[AgentSpec] = None
     merge_turns: bool = False
     temperature: float = 1.0
     eval_every: int = 5
@@ -62,6 +81,12 @@ class GRPO(Algorithm):
     prompts: dict[str, Any] = field(default_factory=dict)
     # Optional task sampler (agentkiln.algorithms.curriculum.Curriculum); None = shuffled round-robin.
     curriculum: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        if self.agents is not None:  # fail at construction, not after the server has started
+            if self.agent_match is not None:
+                raise ValueError("give either agent_match (one shared model) or agents (one adapter per agent)")
+            agent_patterns(self.agents)
 
     # ------------------------------------------------------------------ helpers
     def _out_of_time(self, started: float) -> bool:
@@ -76,21 +101,20 @@ class GRPO(Algorithm):
         # The learner must score tokens under the distribution the runners sampled from.
         return GRPOLearner(self.model_dir or smollm2_dir(), replace(self.config, temperature=self.temperature))
 
-    async def _publish(self, ctx: TrainingContext, adapter_path: Optional[str], note: dict[str, Any]) -> Resources:
+    async def _publish(
+        self, ctx: TrainingContext, policies: Sequence[Policy], adapters: Sequence[Optional[str]], note: dict[str, Any]
+    ) -> Resources:
+        """Publish one resources version serving `adapters[i]` for `policies[i]`, and wait until it is served."""
         resources = await ctx.store.add_resources(
             ResourcesIn(
-                llms={
-                    "main": LLMEndpoint(
-                        model=ctx.model_name,
-                        sampling={"temperature": self.temperature},
-                        adapter_path=adapter_path,
-                    )
-                },
+                llms=published_llms(ctx.model_name, {"temperature": self.temperature}, policies, adapters),
                 prompts=self.prompts,
                 metadata={"algorithm": "grpo", **note},
             )
         )
         await ctx.wait_for_resources_served(resources.resources_id)
+        for policy, adapter in zip(policies, adapters):
+            policy.adapter = adapter
         return resources
 
     async def _validate(self, ctx: TrainingContext, val_data: Sequence[Any], resources: Resources, tag: str) -> float:
@@ -106,6 +130,16 @@ class GRPO(Algorithm):
         ctx.on_event("validation", {"tag": tag, "reward": score, "n": len(outcomes)})
         return score
 
+    async def _save_all(self, policies: Sequence[Policy], step: int, checkpoint: bool) -> list[Optional[str]]:
+        """Each learner's adapter for `step` (and its checkpoint); returns the adapter folders."""
+        paths: list[Optional[str]] = []
+        for policy in policies:
+            adapter = await asyncio.to_thread(policy.learner.save, policy.adapter_dir(step))
+            if checkpoint:
+                await asyncio.to_thread(policy.learner.checkpoint, policy.checkpoint)
+            paths.append(str(adapter))
+        return paths
+
     # ------------------------------------------------------------------ main loop
     async def run(
         self, ctx: TrainingContext, train_data: Sequence[Any], val_data: Optional[Sequence[Any]] = None
@@ -115,28 +149,34 @@ class GRPO(Algorithm):
         started = time.monotonic()
         run_dir = Path(ctx.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        learner = await asyncio.to_thread(self._learner)
+        policies = plan_policies(run_dir, self.agents, self.agent_match)
+        per_agent = self.agents is not None
+        for policy in policies:
+            policy.learner = await asyncio.to_thread(self._learner)
         result = TrainingResult()
         history_path = run_dir / HISTORY_FILE
 
         start_step = 0
-        checkpoint = run_dir / CHECKPOINT_DIR
-        if self.resume and (checkpoint / "trainer_state.pt").exists():
-            await asyncio.to_thread(learner.load_checkpoint, checkpoint)
+        if self.resume and any(p.has_checkpoint() for p in policies):
+            for policy in policies:
+                if policy.has_checkpoint():
+                    await asyncio.to_thread(policy.learner.load_checkpoint, policy.checkpoint)
+                else:
+                    log.warning("no checkpoint for %s in %s; it starts from the base", policy.label, policy.checkpoint)
             if history_path.exists():
                 result.history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
             # The history, not the optimizer, counts steps: a step whose group had no signal
             # makes no optimizer step but still consumed its tasks.
             start_step = result.history[-1]["step"] if result.history else 0
-            log.info("resumed GRPO from %s at step %d", checkpoint, start_step)
+            log.info("resumed GRPO from %s at step %d", run_dir, start_step)
         elif history_path.exists():
             history_path.unlink()
 
         if start_step > 0:
-            adapter = await asyncio.to_thread(learner.save, run_dir / "adapters" / f"step-{start_step}")
-            resources = await self._publish(ctx, str(adapter), {"step": start_step, "resumed": True})
+            adapters = await self._save_all(policies, start_step, checkpoint=False)
+            resources = await self._publish(ctx, policies, adapters, {"step": start_step, "resumed": True})
         else:
-            resources = await self._publish(ctx, None, {"step": 0})
+            resources = await self._publish(ctx, policies, [None] * len(policies), {"step": 0})
 
         best_val: Optional[float] = None
         if val_data:
@@ -179,30 +219,31 @@ class GRPO(Algorithm):
                 for i, task in enumerate(tasks):
                     self.curriculum.record(task, [o.reward for o in outcomes[i * k : (i + 1) * k]])
                 self.curriculum.save(curriculum_path)
-            metrics = await self._learn(learner, outcomes)
-            adapter = await asyncio.to_thread(learner.save, run_dir / "adapters" / f"step-{step}")
-            await asyncio.to_thread(learner.checkpoint, checkpoint)
-            resources = await self._publish(ctx, str(adapter), {"step": step})
-            # The engine has loaded this step's adapter; older ones are only disk weight now.
-            shutil.rmtree(run_dir / "adapters" / f"step-{step - 2}", ignore_errors=True)
+            metrics = [await self._learn(policy, outcomes) for policy in policies]
+            adapters = await self._save_all(policies, step, checkpoint=True)
+            resources = await self._publish(ctx, policies, adapters, {"step": step})
+            # The engine has loaded this step's adapters; older ones are only disk weight now.
+            for policy in policies:
+                shutil.rmtree(policy.adapter_dir(step - 2), ignore_errors=True)
             record: dict[str, Any] = {
                 "step": step,
                 "train_reward": mean_reward(outcomes),
                 "sample_s": round(sample_s, 2),
                 "elapsed_s": round(time.monotonic() - started, 1),
-                **{
-                    k: metrics[k]
-                    for k in ("loss", "transitions", "trained_tokens", "tokens_per_s", "time_s")
-                    if k in metrics
-                },
             }
+            if per_agent:
+                record["agents"] = {p.label: _step_metrics(m) for p, m in zip(policies, metrics)}
+            else:
+                record.update(_step_metrics(metrics[0]))
             last = step == self.steps or self._out_of_time(started)
             if val_data and (step % self.eval_every == 0 or last):
                 val = await self._validate(ctx, val_data, resources, f"step-{step}")
                 record["val_reward"] = val
                 if best_val is None or val > best_val:
                     best_val = val
-                    await asyncio.to_thread(_replace_dir, Path(adapter), run_dir / BEST_DIR)
+                    for policy, adapter in zip(policies, adapters):
+                        await asyncio.to_thread(_replace_dir, Path(adapter), policy.best)
+                        policy.best_adapter = str(policy.best)
                     result.best_checkpoint = str(run_dir / BEST_DIR)
                     result.best_val = val
             result.history.append(record)
@@ -213,19 +254,22 @@ class GRPO(Algorithm):
         # Serve the best weights found (the base model if training never beat it).
         if val_data:
             best_path = result.best_checkpoint
-            resources = await self._publish(ctx, best_path, {"step": "best"})
+            resources = await self._publish(ctx, policies, [p.best_adapter for p in policies], {"step": "best"})
             last_val = next((h["val_reward"] for h in reversed(result.history) if "val_reward" in h), None)
             result.val_after = (
                 result.best_val if best_path else (last_val if last_val is not None else result.val_before)
             )
+        if per_agent:
+            result.extra["agent_adapters"] = {p.label: p.adapter for p in policies}
         result.elapsed_s = time.monotonic() - started
         result.extra["final_resources_id"] = resources.resources_id
         return result
 
-    async def _learn(self, learner: Any, outcomes: Sequence[RolloutOutcome]) -> dict[str, float]:
+    async def _learn(self, policy: Policy, outcomes: Sequence[RolloutOutcome]) -> dict[str, float]:
+        """One learner update on the transitions of the calls `policy` trains on."""
         transitions, skipped = build_batch(
             [(o.rollout, o.attempts, o.spans) for o in outcomes],
-            agent_match=self.agent_match,
+            agent_match=policy.match,
             credit=self.credit,
             merge=self.merge_turns,
         )
@@ -234,14 +278,21 @@ class GRPO(Algorithm):
             for s in skipped:
                 key = getattr(s.reason, "value", str(s.reason))
                 reasons[key] = reasons.get(key, 0) + 1
-            log.info("adapter left out %d LLM call(s): %s", len(skipped), reasons)
+            log.info("adapter left out %d LLM call(s) for %s: %s", len(skipped), policy.label, reasons)
         if not transitions:
-            log.warning("no transitions this step (all rollouts failed or no LLM call was recorded)")
+            log.warning(
+                "no transitions for %s this step (rollouts failed or none of its calls was recorded)", policy.label
+            )
             return {"transitions": 0.0}
-        return await asyncio.to_thread(learner.update, transitions)
+        return await asyncio.to_thread(policy.learner.update, transitions)
+
+
+def _step_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: metrics[k] for k in _METRIC_KEYS if k in metrics}
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)

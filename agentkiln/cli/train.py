@@ -48,6 +48,9 @@ def train(
     lr: float = typer.Option(1e-4),
     temperature: float = typer.Option(1.0),
     agent_match: Optional[str] = typer.Option(None, help="regex: train only these agents' LLM calls"),
+    agents: Optional[str] = typer.Option(
+        None, help="grpo: comma-separated agent names, each trained as its own LoRA (not with --agent-match)"
+    ),
     eval_every: int = typer.Option(5),
     min_reward: float = typer.Option(1.0, help="sft: imitate rollouts with at least this reward"),
     prompt_name: str = typer.Option("system", help="apo: the prompt the agent reads from its `prompts`"),
@@ -62,6 +65,8 @@ def train(
     """Train against a `kiln serve` server; runners are started separately with `kiln run`."""
     from agentkiln.trainer import Trainer
 
+    if agents and algorithm != "grpo":
+        raise typer.BadParameter("--agents (one LoRA per agent) is only supported by --algorithm grpo")
     algo = _build_algorithm(
         algorithm,
         model_dir=model_dir,
@@ -71,6 +76,7 @@ def train(
         lr=lr,
         temperature=temperature,
         agent_match=agent_match,
+        agents=[a.strip() for a in agents.split(",") if a.strip()] if agents else None,
         eval_every=eval_every,
         resume=resume,
         min_reward=min_reward,
@@ -107,6 +113,7 @@ def _build_algorithm(name: str, **o: Any) -> Any:
             samples_per_task=o["samples"],
             temperature=o["temperature"],
             agent_match=o["agent_match"],
+            agents=o.get("agents"),
             eval_every=o["eval_every"],
             resume=o["resume"],
             config=GRPOConfig(lr=o["lr"]),

@@ -29,6 +29,10 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=64)
     seed: Optional[int] = None
     model: Optional[str] = None
+    agent: Optional[str] = Field(
+        default=None,
+        description="the calling agent (set by the gateway); engines holding that agent's own weights serve them",
+    )
 
 
 class ToolCall(BaseModel):
@@ -75,7 +79,16 @@ class Engine(abc.ABC):
     @property
     @abc.abstractmethod
     def model_version(self) -> str:
-        """Identifies the weights now served (changes after load_weights)."""
+        """Identifies the main weights now served (changes after load_weights)."""
+
+    def version_for(self, agent: Optional[str]) -> str:
+        """The version `agent`'s calls are served (its own weights if loaded, else the main ones)."""
+        return self.model_version
+
+    @property
+    def agent_versions(self) -> dict[str, str]:
+        """Agent name -> version of that agent's own weights (empty: every agent gets the main weights)."""
+        return {}
 
     @abc.abstractmethod
     async def chat(self, request: ChatRequest) -> ChatResult: ...
@@ -84,9 +97,16 @@ class Engine(abc.ABC):
     def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamDelta]:
         """Yields deltas; must produce exactly the tokens `chat` would record (n must be 1)."""
 
-    async def load_weights(self, path: str, version: str) -> None:
-        """Swap in new weights (LoRA adapter folder or full checkpoint) without a restart."""
+    async def load_weights(self, path: str, version: str, agent: Optional[str] = None) -> None:
+        """Swap in new weights (LoRA adapter folder or full checkpoint) without a restart.
+
+        agent=None replaces the main weights; a name loads weights served only to that agent's calls.
+        """
         raise NotImplementedError(f"{type(self).__name__} cannot swap weights")
+
+    async def unload_weights(self, agent: str) -> None:
+        """Drop `agent`'s own weights: its calls get the main weights again."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-agent weights")
 
     async def start(self) -> None:
         return None

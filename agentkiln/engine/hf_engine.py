@@ -26,7 +26,15 @@ its longest cached prefix and prefills only the rest (at least one token, for th
 joining group whose members share a prefix not yet cached is prefilled in two waves, so the later
 members reuse what the first wave computed. Reused KV sits in the batch cache as
 [left padding | cached prefix | padding | suffix] per row: holes are masked and position ids still
-count real tokens. The cache is cleared on every weight swap.
+count real tokens. A weight swap clears the cached KV of the weights it replaced.
+
+Per-agent weights: besides the main weights the engine can hold one weight set per agent name
+(`load_weights(path, version, agent="writer")`: a LoRA adapter merged into its own copy of the base,
+~0.3 GB per set for SmolLM2-135M in bf16, so decoding costs no more than with one model). A request
+whose `agent` has a set is served by it, any other by the main weights. Each weight set runs its
+own continuous batch (own KV cache); one scheduler step decodes every set's batch in turn, so
+agents are served concurrently, and `max_batch_size` bounds the sequences of all sets together.
+Prefix-cache entries are scoped by weight set, so KV never crosses weights.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from transformers.cache_utils import DynamicLayer
 from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.engine.chat_format import RenderedPrompt, parse_tool_calls, render_prompt, stream_visible_text
 from agentkiln.engine.model_files import load_model, load_tokenizer
-from agentkiln.engine.prefix_cache import LayerKV, PrefixCache, PrefixHit, common_prefix_length
+from agentkiln.engine.prefix_cache import LayerKV, PrefixCache, PrefixHit, Scope, common_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,14 @@ class SeqOutput:
 
 
 @dataclass
+class _Weights:
+    """One served weight set (the main model, or one agent's)."""
+
+    model: torch.nn.Module
+    version: str
+
+
+@dataclass
 class _Seq:
     """One sequence being generated; touched only by the scheduler thread after submission."""
 
@@ -93,6 +109,7 @@ class _Seq:
     generator: torch.Generator
     on_token: Callable[[int, SeqOutput | None], None]  # (token id, output when this token ends it)
     on_error: Callable[[BaseException], None]
+    agent: str | None = None  # whose weights to use, if that agent has its own (resolved when admitted)
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False
@@ -126,9 +143,9 @@ class TransformersEngine(Engine):
             # Intra-op threads are process-wide; use every core but never oversubscribe.
             torch.set_num_threads(num_threads or max(1, os.cpu_count() or 1))
         self.tokenizer = load_tokenizer(self.model_dir)
-        self._base = load_model(self.model_dir, self.dtype).to(self.device)
-        self._model = self._base
-        self._version = "base"
+        self._base = load_model(self.model_dir, self.dtype).to(self.device)  # what adapters are merged into
+        # None: the main weights; a name: that agent's own. Replaced only on the scheduler thread.
+        self._weights: dict[Scope, _Weights] = {None: _Weights(self._base, "base")}
         self.stats = EngineStats()
         self.prefix_cache: PrefixCache | None = (
             PrefixCache(prefix_cache_tokens, prefix_cache_entries) if prefix_cache_tokens > 0 else None
@@ -150,7 +167,19 @@ class TransformersEngine(Engine):
 
     @property
     def model_version(self) -> str:
-        return self._version
+        return self._weights[None].version
+
+    def version_for(self, agent: str | None) -> str:
+        return (self._weights.get(agent) or self._weights[None]).version
+
+    @property
+    def agent_versions(self) -> dict[str, str]:
+        return {name: w.version for name, w in list(self._weights.items()) if name is not None}
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The main model."""
+        return self._weights[None].model
 
     def render(self, request: ChatRequest) -> RenderedPrompt:
         return render_prompt(self.tokenizer, request.messages, request.tools or None)
@@ -209,9 +238,18 @@ class TransformersEngine(Engine):
         finally:
             seq.cancelled = True  # no-op when finished; stops generation if the consumer went away
 
-    async def load_weights(self, path: str, version: str) -> None:
-        """Apply a peft LoRA adapter (merged into a copy of the base) or load a full checkpoint."""
-        await self._run_task(lambda: self._swap_weights(Path(path), version))
+    async def load_weights(self, path: str, version: str, agent: str | None = None) -> None:
+        """Apply a peft LoRA adapter (merged into a copy of the base) or load a full checkpoint.
+
+        agent=None replaces the main weights; a name (re)places the weight set served to that agent.
+        """
+        await self._run_task(lambda: self._swap_weights(Path(path), version, agent))
+
+    async def unload_weights(self, agent: str) -> None:
+        """Drop `agent`'s weight set (no-op if it has none); its calls get the main weights again."""
+        if agent is None:
+            raise ValueError("the main weights cannot be unloaded")
+        await self._run_task(lambda: self._unload(agent))
 
     async def set_prefix_cache(self, cache: PrefixCache | None) -> None:
         """Replace (None: disable) the prefix cache between batches; the scheduler thread owns it otherwise."""
@@ -265,6 +303,7 @@ class TransformersEngine(Engine):
             generator=gen,
             on_token=callbacks[0],
             on_error=callbacks[1],
+            agent=request.agent,
         )
 
     def _submit(self, seqs: list[_Seq]) -> None:
@@ -293,7 +332,7 @@ class TransformersEngine(Engine):
                     parse_error=parsed.parse_error,
                 )
             )
-        version = outputs[0].model_version if outputs else self._version
+        version = outputs[0].model_version if outputs else self.version_for(request.agent)
         return ChatResult(
             prompt_ids=prompt.ids,
             prompt_text=prompt.text,
@@ -356,66 +395,82 @@ class TransformersEngine(Engine):
             return taken
 
     def _serve(self) -> None:
-        """Run one continuous batch until no sequence is active and none can join."""
-        active: list[_Seq] = []
-        cache: DynamicCache | None = None
-        mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        """Run continuous batches (one per weight set) until no sequence is active and none can join."""
+        running: dict[Scope, _Running] = {}
         joining: list[_Seq] = []
-        version = self._version
         try:
             while True:
-                joining = self._take_pending(self.max_batch_size - len(active))
-                for wave in self._prefill_waves(joining):
-                    new_cache, new_mask, last_logits = self._prefill(wave)
-                    self._sample_and_record(wave, last_logits, version)
-                    if cache is None:
-                        cache, mask = new_cache, new_mask
-                    else:
-                        cache, mask = _concat_caches(cache, mask, new_cache, new_mask)
-                    active += wave
-                keep = [i for i, s in enumerate(active) if not (s.finished or s.cancelled)]
-                if len(keep) < len(active):
-                    self._remember_finished(active, cache, mask)
-                    active = [active[i] for i in keep]
-                    if not active:
-                        cache, mask = None, mask[:0]
-                    else:
-                        cache, mask = _select_rows(cache, mask, keep)
-                if not active:
+                joining = self._take_pending(self.max_batch_size - _count(running))
+                for scope, group in self._by_weights(joining).items():
+                    run = running.get(scope)
+                    if run is None:
+                        run = running[scope] = _Running(scope, self._weights[scope], self._empty_mask())
+                    for wave in self._prefill_waves(group, scope):
+                        new_cache, new_mask, last_logits = self._prefill(wave, run)
+                        self._sample_and_record(wave, last_logits, run.weights.version)
+                        run.join(wave, new_cache, new_mask)
+                for scope in list(running):
+                    if not self._drop_finished(running[scope]):
+                        del running[scope]
+                if not running:
                     if not self._has_pending():
                         return
                     continue
-                self.stats.max_active = max(self.stats.max_active, len(active))
-                logits = self._decode_step(active, cache, mask)
-                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
-                self._sample_and_record(active, logits, version)
+                self.stats.max_active = max(self.stats.max_active, _count(running))
+                for run in running.values():  # one forward per weight set
+                    logits = self._decode_step(run)
+                    self._sample_and_record(run.seqs, logits, run.weights.version)
         except BaseException as exc:
             log.exception("generation batch failed")
+            active = [seq for run in running.values() for seq in run.seqs]
             for seq in active + [s for s in joining if s not in active]:
                 if not seq.finished:
                     seq.finished = True
                     seq.on_error(exc)
 
+    def _empty_mask(self) -> torch.Tensor:
+        return torch.zeros((0, 0), dtype=torch.long, device=self.device)
+
+    def _by_weights(self, seqs: list[_Seq]) -> dict[Scope, list[_Seq]]:
+        """Group joining sequences by the weight set serving them (agents without their own: main)."""
+        groups: dict[Scope, list[_Seq]] = {}
+        for seq in seqs:
+            groups.setdefault(seq.agent if seq.agent in self._weights else None, []).append(seq)
+        return groups
+
+    def _drop_finished(self, run: _Running) -> bool:
+        """Remove finished/cancelled rows (caching finished prompt + response first); False when none is left."""
+        keep = [i for i, s in enumerate(run.seqs) if not (s.finished or s.cancelled)]
+        if len(keep) < len(run.seqs):
+            self._remember_finished(run)
+            run.seqs = [run.seqs[i] for i in keep]
+            if not run.seqs:
+                run.cache, run.mask = None, run.mask[:0]
+            else:
+                assert run.cache is not None
+                run.cache, run.mask = _select_rows(run.cache, run.mask, keep)
+        return bool(run.seqs)
+
     def _has_pending(self) -> bool:
         with self._cond:
             return bool(self._pending) and not self._tasks and not self._closing
 
-    def _prefill_waves(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+    def _prefill_waves(self, seqs: list[_Seq], scope: Scope) -> list[list[_Seq]]:
         """Split a joining group so members sharing an uncached prefix with an earlier member wait for it."""
         if self.prefix_cache is None or len(seqs) < 2:
             return [seqs] if seqs else []
         first: list[_Seq] = []
         later: list[_Seq] = []
         for seq in seqs:
-            cached = self.prefix_cache.match_length(seq.prompt_ids)
+            cached = self.prefix_cache.match_length(seq.prompt_ids, scope)
             shared = max((common_prefix_length(seq.prompt_ids, f.prompt_ids) for f in first), default=0)
             shared = min(shared, len(seq.prompt_ids) - 1)
             (later if shared - cached >= _MIN_SHARED_PREFIX else first).append(seq)
         return [wave for wave in (first, later) if wave]
 
-    def _prefill(self, seqs: list[_Seq]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, seqs: list[_Seq], run: _Running) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Prefill each prompt's uncached suffix; returns the batch cache, its mask and the last logits."""
-        hits = [self._lookup(seq) for seq in seqs]
+        hits = [self._lookup(seq, run.scope) for seq in seqs]
         past = max((h.length for h in hits if h is not None), default=0)
         suffixes = [seq.prompt_ids[h.length if h else 0 :] for seq, h in zip(seqs, hits)]
         longest = max(len(s) for s in suffixes)
@@ -429,27 +484,29 @@ class TransformersEngine(Engine):
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         cache = _cache_from_hits(hits, past) if past else DynamicCache()
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
+        out = run.weights.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
+        )
         self.stats.prefills += 1
         self.stats.prefill_tokens += sum(len(s) for s in suffixes)
         if self.prefix_cache is not None:
             for row, seq in enumerate(seqs):
-                self._remember(seq.prompt_ids, cache, mask, row)
+                self._remember(seq.prompt_ids, cache, mask, row, run.scope)
         return cache, mask, out.logits[:, -1, :]
 
-    def _lookup(self, seq: _Seq) -> PrefixHit | None:
+    def _lookup(self, seq: _Seq, scope: Scope) -> PrefixHit | None:
         if self.prefix_cache is None:
             return None
-        hit = self.prefix_cache.lookup(seq.prompt_ids, limit=len(seq.prompt_ids) - 1)
+        hit = self.prefix_cache.lookup(seq.prompt_ids, limit=len(seq.prompt_ids) - 1, scope=scope)
         if hit is not None:
             self.stats.prefix_hits += 1
             self.stats.prefix_hit_tokens += hit.length
         return hit
 
-    def _remember(self, token_ids: list[int], cache: DynamicCache, mask: torch.Tensor, row: int) -> None:
-        """Copy one row's KV (its real columns) into the prefix cache under `token_ids`."""
+    def _remember(self, token_ids: list[int], cache: DynamicCache, mask: torch.Tensor, row: int, scope: Scope) -> None:
+        """Copy one row's KV (its real columns) into the prefix cache under `token_ids` and its weight set."""
         assert self.prefix_cache is not None
-        if not token_ids or self.prefix_cache.covers(token_ids) or len(token_ids) > self.prefix_cache.max_tokens:
+        if not token_ids or self.prefix_cache.covers(token_ids, scope) or len(token_ids) > self.prefix_cache.max_tokens:
             return
         cols = mask[row].nonzero()[:, 0]
         if len(cols) != len(token_ids):  # a bookkeeping bug; skipping keeps the cache correct
@@ -459,22 +516,24 @@ class TransformersEngine(Engine):
             (layer.keys[row : row + 1].index_select(2, cols), layer.values[row : row + 1].index_select(2, cols))
             for layer in _layers(cache)
         ]
-        self.prefix_cache.insert(token_ids, kv)
+        self.prefix_cache.insert(token_ids, kv, scope)
 
-    def _remember_finished(self, seqs: list[_Seq], cache: DynamicCache | None, mask: torch.Tensor) -> None:
+    def _remember_finished(self, run: _Running) -> None:
         """Cache prompt + response of finished (not cancelled) sequences: an agent's next turn extends them."""
-        if self.prefix_cache is None or cache is None:
+        if self.prefix_cache is None or run.cache is None:
             return
-        for row, seq in enumerate(seqs):
+        for row, seq in enumerate(run.seqs):
             if seq.finished and not seq.cancelled and len(seq.ids) > 1:
                 # The last sampled token was never fed to the model, so the cache holds ids[:-1].
-                self._remember(seq.prompt_ids + seq.ids[:-1], cache, mask, row)
+                self._remember(seq.prompt_ids + seq.ids[:-1], run.cache, run.mask, row, run.scope)
 
-    def _decode_step(self, seqs: list[_Seq], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+    def _decode_step(self, run: _Running) -> torch.Tensor:
+        """One batched token for every sequence of one weight set; extends its mask by a column."""
+        seqs, mask = run.seqs, run.mask
         last = torch.tensor([[s.ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
         positions = mask.sum(-1, keepdim=True)
-        full_mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=self.device)], dim=1)
-        out = self._model(input_ids=last, attention_mask=full_mask, position_ids=positions, cache=cache)
+        run.mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=self.device)], dim=1)
+        out = run.weights.model(input_ids=last, attention_mask=run.mask, position_ids=positions, cache=run.cache)
         self.stats.decode_steps += 1
         return out.logits[:, -1, :]
 
@@ -506,23 +565,52 @@ class TransformersEngine(Engine):
 
     # ---- weights ------------------------------------------------------------------------------
 
-    def _swap_weights(self, path: Path, version: str) -> None:
+    def _swap_weights(self, path: Path, version: str, agent: str | None) -> None:
+        who = f"agent {agent!r}" if agent is not None else "the main weights"
         if (path / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            log.info("merging LoRA adapter %s into a copy of the base model (version %s)", path, version)
+            log.info("merging LoRA adapter %s into a copy of the base model for %s (version %s)", path, who, version)
             peft_model = PeftModel.from_pretrained(copy.deepcopy(self._base), str(path))
             model = peft_model.merge_and_unload()
         else:
-            log.info("loading full weights from %s (version %s); they become the new base", path, version)
+            log.info("loading full weights from %s for %s (version %s)", path, who, version)
             model = load_model(path, self.dtype).to(self.device)
-            self._base = model
+            if agent is None:
+                self._base = model  # main full weights become the base later adapters are merged into
         model.eval()
-        self._model = model
-        self._version = version
+        self._weights[agent] = _Weights(model, version)
         if self.prefix_cache is not None:
-            self.prefix_cache.clear()  # cached KV was computed by the old weights
+            self.prefix_cache.clear_scope(agent)  # cached KV was computed by the old weights
         self.stats.weight_swaps += 1
+
+    def _unload(self, agent: str) -> None:
+        if self._weights.pop(agent, None) is not None:
+            log.info("agent %r is served the main weights again", agent)
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear_scope(agent)
+
+
+@dataclass
+class _Running:
+    """The continuous batch of one weight set: its sequences and their left-padded KV cache."""
+
+    scope: Scope
+    weights: _Weights
+    mask: torch.Tensor
+    seqs: list[_Seq] = field(default_factory=list)
+    cache: DynamicCache | None = None
+
+    def join(self, wave: list[_Seq], cache: DynamicCache, mask: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+        else:
+            self.cache, self.mask = _concat_caches(self.cache, self.mask, cache, mask)
+        self.seqs += wave
+
+
+def _count(running: dict[Scope, _Running]) -> int:
+    return sum(len(run.seqs) for run in running.values())
 
 
 # ---- helpers (pure functions) -----------------------------------------------------------------

@@ -9,6 +9,10 @@ id tensors is one vectorised op, and a scan finds partial matches at any token (
 share only the system prompt) without block alignment. Entries are never mutated: lookups hand
 out views that callers must only read (concatenation / padding copies them).
 
+Scopes: KV belongs to the weights that computed it, so an engine serving several weight sets (one
+per agent) files each entry under its weight set's name and only matches within that scope; all
+scopes share one token/entry budget and one LRU order.
+
 Owned by the engine's scheduler thread; not thread-safe.
 """
 
@@ -24,6 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [1, kv_heads, length, head_dim]
+Scope = str | None  # the weight set an entry was computed with (None: the main weights)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class PrefixHit:
 class _Entry:
     ids: torch.Tensor  # [n] int64
     kv: list[LayerKV]
+    scope: Scope = None
 
 
 class PrefixCache:
@@ -57,14 +63,19 @@ class PrefixCache:
         self._entries.clear()
         self.tokens = 0
 
-    def match_length(self, ids: Sequence[int]) -> int:
-        """Longest common prefix of `ids` with any entry, without touching recency."""
-        best = self._best(_as_tensor(ids))
+    def clear_scope(self, scope: Scope) -> None:
+        """Drop the entries of one weight set (after those weights were replaced or unloaded)."""
+        for key in [k for k, e in self._entries.items() if e.scope == scope]:
+            self._drop(key)
+
+    def match_length(self, ids: Sequence[int], scope: Scope = None) -> int:
+        """Longest common prefix of `ids` with any entry of `scope`, without touching recency."""
+        best = self._best(_as_tensor(ids), scope)
         return best[1]
 
-    def lookup(self, ids: Sequence[int], limit: int) -> PrefixHit | None:
+    def lookup(self, ids: Sequence[int], limit: int, scope: Scope = None) -> PrefixHit | None:
         """Reusable KV for at most `limit` leading tokens of `ids`; marks the entry as recently used."""
-        key, length = self._best(_as_tensor(ids))
+        key, length = self._best(_as_tensor(ids), scope)
         length = min(length, limit)
         if key is None or length <= 0:
             return None
@@ -72,11 +83,11 @@ class PrefixCache:
         entry = self._entries[key]
         return PrefixHit(length, [(k[:, :, :length], v[:, :, :length]) for k, v in entry.kv])
 
-    def covers(self, ids: Sequence[int]) -> bool:
-        """True when some entry already holds all of `ids` (inserting them would add nothing)."""
-        return len(ids) > 0 and self.match_length(ids) == len(ids)
+    def covers(self, ids: Sequence[int], scope: Scope = None) -> bool:
+        """True when some entry of `scope` already holds all of `ids` (inserting them would add nothing)."""
+        return len(ids) > 0 and self.match_length(ids, scope) == len(ids)
 
-    def insert(self, ids: Sequence[int], kv: list[LayerKV]) -> None:
+    def insert(self, ids: Sequence[int], kv: list[LayerKV], scope: Scope = None) -> None:
         """Store KV for exactly `ids` (tensors are kept, so pass copies); entries it extends are dropped."""
         n = len(ids)
         if n == 0 or n > self.max_tokens or self.max_entries <= 0:
@@ -85,13 +96,15 @@ class PrefixCache:
             raise ValueError(f"KV length does not match the {n} ids")
         new = _as_tensor(ids)
         for key, entry in list(self._entries.items()):
+            if entry.scope != scope:
+                continue
             m = len(entry.ids)
             if m <= n and torch.equal(entry.ids, new[:m]):
                 self._drop(key)  # superseded: the new entry serves every lookup this one could
             elif m > n and torch.equal(entry.ids[:n], new):
                 self._entries.move_to_end(key)  # already covered
                 return
-        self._entries[self._next_key] = _Entry(new, kv)
+        self._entries[self._next_key] = _Entry(new, kv, scope)
         self._next_key += 1
         self.tokens += n
         while len(self._entries) > self.max_entries or self.tokens > self.max_tokens:
@@ -101,9 +114,11 @@ class PrefixCache:
     def _drop(self, key: int) -> None:
         self.tokens -= len(self._entries.pop(key).ids)
 
-    def _best(self, query: torch.Tensor) -> tuple[int | None, int]:
+    def _best(self, query: torch.Tensor, scope: Scope) -> tuple[int | None, int]:
         best_key, best_len = None, 0
         for key, entry in self._entries.items():
+            if entry.scope != scope:
+                continue
             length = _common_prefix(entry.ids, query)
             if length > best_len:
                 best_key, best_len = key, length

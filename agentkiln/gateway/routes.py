@@ -16,8 +16,9 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, FastAPI, Request
+from starlette.routing import Route
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from agentkiln.engine.base import ChatRequest, ChatResult, Engine, StreamDelta
@@ -31,7 +32,7 @@ from agentkiln.gateway.recording import (
     span_for_error,
     spans_for_result,
 )
-from agentkiln.models import AttemptStatus, SpanIn
+from agentkiln.models import SpanIn
 from agentkiln.runner.identity import is_valid_agent_name
 from agentkiln.store.base import NotFoundError, Store, StoreError
 
@@ -57,25 +58,44 @@ def _default_engine(request: Request) -> Optional[Engine]:
     return getattr(request.app.state, "engine", None)
 
 
+def build_gateway_routes(
+    get_store: Optional[StoreGetter] = None,
+    get_engine: Optional[EngineGetter] = None,
+    *,
+    default_max_tokens: Optional[int] = None,
+) -> list[Route]:
+    """/v1/{chat/completions,responses,models} and their per-attempt (and per-agent) twins.
+
+    Plain Starlette routes: the endpoints take the request and answer themselves, so FastAPI's
+    dependency solving and route bookkeeping would only add latency to every LLM call.
+    The getters are called per request (defaults: `request.app.state.store` / `.engine`), so the
+    server can swap or attach the engine at runtime. `default_max_tokens` applies when a client
+    sends no limit (None: the engine contract's default, 256).
+    """
+    gw = _Gateway(get_store or _default_store, get_engine or _default_engine, default_max_tokens)
+    routes = []
+    for prefix in ("/v1", ROLLOUT_PREFIX, AGENT_PREFIX):
+        routes.append(Route(f"{prefix}/chat/completions", gw.chat_completions, methods=["POST"]))
+        routes.append(Route(f"{prefix}/responses", gw.responses, methods=["POST"]))
+        routes.append(Route(f"{prefix}/models", gw.models, methods=["GET"]))
+    return routes
+
+
 def build_gateway_router(
     get_store: Optional[StoreGetter] = None,
     get_engine: Optional[EngineGetter] = None,
     *,
     default_max_tokens: Optional[int] = None,
 ) -> APIRouter:
-    """Router with /v1/{chat/completions,responses,models} and their per-attempt (and per-agent) twins.
+    """The gateway routes as a router, for apps that include it next to their own routes."""
+    return APIRouter(
+        routes=build_gateway_routes(get_store, get_engine, default_max_tokens=default_max_tokens), tags=["gateway"]
+    )
 
-    The getters are called per request (defaults: `request.app.state.store` / `.engine`), so the
-    server can swap or attach the engine at runtime. `default_max_tokens` applies when a client
-    sends no limit (None: the engine contract's default, 256).
-    """
-    gw = _Gateway(get_store or _default_store, get_engine or _default_engine, default_max_tokens)
-    router = APIRouter(tags=["gateway"])
-    for prefix in ("/v1", ROLLOUT_PREFIX, AGENT_PREFIX):
-        router.add_api_route(f"{prefix}/chat/completions", gw.chat_completions, methods=["POST"])
-        router.add_api_route(f"{prefix}/responses", gw.responses, methods=["POST"])
-        router.add_api_route(f"{prefix}/models", gw.models, methods=["GET"])
-    return router
+
+def install_gateway(app: FastAPI, **kw: Any) -> None:
+    """Put the gateway routes first in `app`: routes are matched in order, and LLM calls are the hot path."""
+    app.router.routes[0:0] = build_gateway_routes(**kw)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -192,18 +212,17 @@ class _Gateway:
         store = self._get_store(request)
         if store is None:
             raise GatewayError(503, "No store is attached to this server", type="server_error", code="store_missing")
-        try:  # one store read on this hot path: query_attempts also tells an unknown rollout
-            attempts = await store.query_attempts(rid)
+        try:  # one cheap store read on this hot path: it also tells an unknown rollout
+            statuses = await store.attempt_statuses(rid)
         except NotFoundError:
             raise GatewayError(
                 404, f"Rollout '{rid}' not found", type="not_found_error", code="rollout_not_found"
             ) from None
-        attempt = next((a for a in attempts if a.attempt_id == aid), None)
-        if attempt is None:
+        status = statuses.get(aid)
+        if status is None:
             raise GatewayError(
                 404, f"Attempt '{aid}' of rollout '{rid}' not found", type="not_found_error", code="attempt_not_found"
             )
-        status = AttemptStatus(attempt.status)
         if status.finished:
             raise GatewayError(
                 409,
@@ -240,6 +259,7 @@ class _Gateway:
             engine_req.messages,
             path_agent=_path_agent(request),
         )
+        engine_req.agent = agent  # the engine serves this agent's own weights when it has them
         return CallContext(
             rollout_id=target.rollout_id or "",
             attempt_id=target.attempt_id or "",
@@ -263,7 +283,7 @@ class _Gateway:
     async def _fail(self, engine: Engine, exc: BaseException, ctx: CallContext, target: _Target) -> Any:
         log.warning("gateway: engine failed (%s): %s", ctx.api, exc, exc_info=exc)
         if target.recorded:
-            await self._record(target, [span_for_error(ctx, exc, time.time(), _safe_version(engine))])
+            await self._record(target, [span_for_error(ctx, exc, time.time(), _safe_version(engine, ctx.agent_name))])
         raise _engine_error(exc) from exc
 
     async def _open_stream(
@@ -286,16 +306,16 @@ class _Gateway:
         agen: AsyncIterator[StreamDelta],
         ctx: CallContext,
         target: _Target,
-    ) -> AsyncIterator[tuple[Optional[str], Optional[ChatResult]]]:
-        """Yield (text, None) per delta and finally (None, result); records an error span on failure."""
+    ) -> AsyncIterator[tuple[str, Optional[ChatResult]]]:
+        """Yield (text, final result or None) per delta, the result last; records an error span on failure."""
         delta: Optional[StreamDelta] = first
         try:
             while delta is not None:
+                if delta.final is not None:
+                    yield delta.text, _echo_model(delta.final, ctx.engine_request)
+                    return
                 if delta.text:
                     yield delta.text, None
-                if delta.final is not None:
-                    yield None, _echo_model(delta.final, ctx.engine_request)
-                    return
                 delta = await agen.__anext__()
         except StopAsyncIteration:
             exc: BaseException = RuntimeError("engine stream ended without a final result")
@@ -305,7 +325,7 @@ class _Gateway:
             await _aclose(agen)
         log.warning("gateway: engine stream failed: %s", exc)
         if target.recorded:
-            await self._record(target, [span_for_error(ctx, exc, time.time(), _safe_version(engine))])
+            await self._record(target, [span_for_error(ctx, exc, time.time(), _safe_version(engine, ctx.agent_name))])
         raise _engine_error(exc)
 
     # ------------------------------------------------------------------ /models
@@ -361,14 +381,19 @@ class _Gateway:
                 token_ids=want_ids,
             )
 
-        async def finish(result: ChatResult) -> None:
-            spans = spans_for_result(ctx, result, time.time(), lambda i: body_for(result, [result.choices[i]]))
-            await self._record(target, spans)
+        async def finish(result: ChatResult, full: Optional[dict[str, Any]] = None) -> None:
+            def for_choice(i: int) -> dict[str, Any]:
+                if full is not None and len(result.choices) == 1:
+                    return full  # the answer itself: build it once
+                return body_for(result, [result.choices[i]])
+
+            await self._record(target, spans_for_result(ctx, result, time.time(), for_choice))
 
         if not stream:
             result = await self._chat(engine, engine_req, ctx, target)
-            await finish(result)
-            return JSONResponse(body_for(result))
+            answer = body_for(result)
+            await finish(result, answer)
+            return JSONResponse(answer)
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk = lambda choices, usage=None: oai.chat_chunk(  # noqa: E731
@@ -379,46 +404,39 @@ class _Gateway:
         if engine_req.n > 1 or engine_req.tools or want_lp:
             result = await self._chat(engine, engine_req, ctx, target)
             await finish(result)
-            return StreamingResponse(
-                _chat_buffered_events(result, chunk, include_usage, want_lp, token_text),
-                media_type="text/event-stream",
-                headers=_SSE_HEADERS,
+            return await _sse_response(
+                _chat_buffered_events(result, chunk, include_usage, want_lp, token_text), complete=True
             )
         first, agen = await self._open_stream(engine, engine_req, ctx, target)
 
         async def events() -> AsyncIterator[str]:
-            yield _sse(
-                chunk(
-                    [
-                        {
-                            "index": 0,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-            )
+            # What is ready goes out in one write: the role chunk with the first text, the last
+            # text with the finish chunk, usage and [DONE].
+            out = _sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}]))  # fmt: skip
             try:
                 async for text, result in self._drain(engine, first, agen, ctx, target):
-                    if text is not None:
-                        yield _sse(
+                    if text:
+                        out += _sse(
                             chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
                         )
-                    elif result is not None:
+                    if result is not None:
                         await finish(result)
-                        choice = result.choices[0]
-                        yield _sse(
-                            chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}])
-                        )
+                        out += _sse(
+                            chunk(
+                                [{"index": 0, "delta": {}, "logprobs": None,
+                                  "finish_reason": result.choices[0].finish_reason}]
+                            )
+                        )  # fmt: skip
                         if include_usage:
-                            yield _sse(chunk([], oai.chat_usage(result)))
+                            out += _sse(chunk([], oai.chat_usage(result)))
+                        out += "data: [DONE]\n\n"
+                    yield out
+                    out = ""
             except GatewayError as err:
-                yield _sse(err.body())
-                return
-            yield "data: [DONE]\n\n"
+                yield out + _sse(err.body())
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return await _sse_response(events(), complete=first.final is not None)
 
     # ------------------------------------------------------------------ /responses
 
@@ -457,37 +475,48 @@ class _Gateway:
         if engine_req.tools or "message.output_text.logprobs" in (body.include or []):
             result = await self._chat(engine, engine_req, ctx, target)
             final = await finish(result)
-            return StreamingResponse(ev.buffered(final), media_type="text/event-stream", headers=_SSE_HEADERS)
+            return await _sse_response(ev.buffered(final), complete=True)
 
         first, agen = await self._open_stream(engine, engine_req, ctx, target)
 
         async def events() -> AsyncIterator[str]:
-            yield ev.start()
             msg_id = f"msg_{uuid.uuid4().hex[:24]}"
-            yield ev.message_added(msg_id, 0)
+            out = ev.start() + ev.message_added(msg_id, 0)  # goes out with the first text
             try:
                 async for text, result in self._drain(engine, first, agen, ctx, target):
-                    if text is not None:
-                        yield ev.text_delta(msg_id, 0, text)
-                    elif result is not None:
+                    if text:
+                        out += ev.text_delta(msg_id, 0, text)
+                    if result is not None:
                         final = await finish(result)
                         # Keep the id the client already saw for the streamed message item.
                         for item in final["output"]:
                             if item["type"] == "message":
                                 item["id"] = msg_id
                         for i, item in enumerate(final["output"]):
-                            if item["type"] == "message":
-                                yield ev.message_done(item, i)
-                            else:
-                                yield ev.function_call(item, i)
-                        yield ev.end(final)
+                            out += ev.message_done(item, i) if item["type"] == "message" else ev.function_call(item, i)
+                        out += ev.end(final)
+                    yield out
+                    out = ""
             except GatewayError as err:
-                yield ev.error(err)
+                yield out + ev.error(err)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return await _sse_response(events(), complete=first.final is not None)
 
 
 # --------------------------------------------------------------------------- stream writers
+
+
+async def _sse_response(events: AsyncIterator[str], *, complete: bool) -> Response:
+    """An event stream; when the engine already finished (`complete`), all events in one plain response.
+
+    A finished answer gains nothing from chunked streaming, and skipping the streaming machinery
+    (a task group and one write per event) is most of what a fast upstream's stream costs here.
+    """
+    if complete:
+        body = "".join([e async for e in events])
+        return Response(body.encode(), media_type="text/event-stream", headers=_SSE_HEADERS)
+    return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+
 
 
 async def _chat_buffered_events(
@@ -635,9 +664,9 @@ def _echo_model(result: ChatResult, engine_req: ChatRequest) -> ChatResult:
     return result
 
 
-def _safe_version(engine: Engine) -> Optional[str]:
+def _safe_version(engine: Engine, agent: Optional[str] = None) -> Optional[str]:
     try:
-        return engine.model_version
+        return engine.version_for(agent) if hasattr(engine, "version_for") else engine.model_version
     except Exception:
         return None
 

@@ -53,13 +53,15 @@ class LLMHandle:
 
     @classmethod
     def from_endpoint(cls, name: str, endpoint: LLMEndpoint, *, base_url: str | None, api_key: str | None) -> LLMHandle:
-        return cls(
+        handle = cls(
             base_url=base_url or endpoint.endpoint,
             model=endpoint.model,
             api_key=api_key or PLACEHOLDER_API_KEY,
             sampling=dict(endpoint.sampling),
             name=name,
         )
+        # An endpoint naming one agent's weights: calls through it must be that agent's to be served them.
+        return handle.for_agent(endpoint.agent) if endpoint.agent else handle
 
     def for_agent(self, agent: str) -> LLMHandle:
         """This handle with every call recorded under `agent`.

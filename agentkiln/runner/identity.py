@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
+from agentkiln.models import AGENT_NAME_PATTERN
+
 AGENT_HEADER = "X-Kiln-Agent"
-AGENT_NAME_PATTERN = r"[A-Za-z0-9_.\-]{1,128}"
 _AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
 
 _current_agent: contextvars.ContextVar[str | None] = contextvars.ContextVar("kiln_agent", default=None)

@@ -170,7 +170,9 @@ class RolloutWorker:
         if resources is not None:
             for name, endpoint in resources.llms.items():
                 llms[name] = LLMHandle.from_endpoint(name, endpoint, base_url=base_url, api_key=self.config.api_key)
-        main = llms.get("main") or next(iter(llms.values()), None)
+        # `llm` is the shared endpoint, never one naming a single agent's weights (unless that is all there is).
+        main = llms.get("main") or next((h for h in llms.values() if h.agent is None), None)
+        main = main or next(iter(llms.values()), None)
         return Invocation(
             task=ar.rollout.input,
             rollout=ar.rollout,

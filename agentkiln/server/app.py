@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Iterable
 
 from fastapi import FastAPI
 
-from agentkiln.gateway.routes import build_gateway_router
+from agentkiln.gateway.routes import install_gateway
 from agentkiln.server.errors import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -77,10 +77,9 @@ def create_app(
     app.state.model_sync = None
     install_error_handlers(app)
     app.include_router(store_router)
-
-    app.include_router(build_gateway_router())
     app.include_router(build_otlp_router())
     app.include_router(build_engine_status_router())
+    install_gateway(app)  # ahead of every other route
 
     # Added innermost first: a request passes error catcher -> API key -> body limit -> idempotency -> routes.
     app.add_middleware(IdempotencyMiddleware)

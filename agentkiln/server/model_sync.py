@@ -1,7 +1,8 @@
 """Keeps the embedded engine serving the weights named by the latest published resources.
 
 The trainer never talks to the engine: it publishes a resources version whose main LLM
-names an adapter folder, and this watcher (running inside the server) swaps it in.
+names an adapter folder (and, for per-agent training, endpoints with `agent` set naming each
+agent's adapter), and this watcher (running inside the server) swaps them in.
 That keeps the store the only state the two sides share.
 """
 
@@ -20,12 +21,26 @@ log = logging.getLogger(__name__)
 
 
 def main_llm_weights(resources: Resources) -> Optional[str]:
-    llm = resources.llms.get("main") or next(iter(resources.llms.values()), None)
+    llm = resources.main_llm()
     return llm.adapter_path if llm is not None else None
 
 
+def agent_weights(resources: Resources) -> dict[str, str]:
+    """Agent name -> the weights published for that agent alone (agents left out get the main weights)."""
+    return {agent: llm.adapter_path for agent, llm in resources.agent_llms().items() if llm.adapter_path}
+
+
+def agent_version(agent: str, resources_version: int) -> str:
+    """The model version recorded on spans of `agent`'s calls served by its own weights."""
+    return f"{agent}@v{resources_version}"
+
+
 class ModelSync:
-    """Polls the store for new resources and loads their weights into the engine once each."""
+    """Polls the store for new resources and loads their weights into the engine once each.
+
+    Each weight set (the main one and every agent's) is reloaded only when its path changes, so
+    a version that retrains one agent leaves the others' weights and versions as they were.
+    """
 
     def __init__(self, store: Store, engine: Any, interval_s: float = 0.25) -> None:
         self.store = store
@@ -33,6 +48,7 @@ class ModelSync:
         self.interval_s = interval_s
         self.loaded_resources_id: Optional[str] = None
         self.loaded_path: Optional[str] = None
+        self.loaded_agents: dict[str, str] = {}  # agent -> path of its own weights now served
         self.last_error: Optional[str] = None
 
     async def sync_once(self) -> bool:
@@ -40,17 +56,40 @@ class ModelSync:
         latest = await self.store.get_latest_resources()
         if latest is None or latest.resources_id == self.loaded_resources_id:
             return False
-        path = main_llm_weights(latest)
-        changed = path != self.loaded_path
-        if changed:
-            # No weights named after some were loaded: go back to the engine's original model.
-            target = path if path is not None else str(getattr(self.engine, "model_dir", ""))
-            version = f"v{latest.version}"
-            if target:
-                log.info("loading weights %s as model version %s", target, version)
-                await self.engine.load_weights(target, version)
-            self.loaded_path = path
+        changed = await self._sync_main(latest)
+        changed = await self._sync_agents(latest) or changed
         self.loaded_resources_id = latest.resources_id
+        return changed
+
+    async def _sync_main(self, latest: Resources) -> bool:
+        path = main_llm_weights(latest)
+        if path == self.loaded_path:
+            return False
+        # No weights named after some were loaded: go back to the engine's original model.
+        target = path if path is not None else str(getattr(self.engine, "model_dir", ""))
+        version = f"v{latest.version}"
+        if target:
+            log.info("loading weights %s as model version %s", target, version)
+            await self.engine.load_weights(target, version)
+        self.loaded_path = path
+        return True
+
+    async def _sync_agents(self, latest: Resources) -> bool:
+        wanted = agent_weights(latest)
+        changed = False
+        for agent in [a for a in self.loaded_agents if a not in wanted]:
+            log.info("agent %r no longer has its own weights; serving it the main weights", agent)
+            await self.engine.unload_weights(agent)
+            del self.loaded_agents[agent]
+            changed = True
+        for agent, path in wanted.items():
+            if self.loaded_agents.get(agent) == path:
+                continue
+            version = agent_version(agent, latest.version)
+            log.info("loading weights %s for agent %r as model version %s", path, agent, version)
+            await self.engine.load_weights(path, version, agent=agent)
+            self.loaded_agents[agent] = path
+            changed = True
         return changed
 
     async def run_forever(self) -> None:
@@ -72,14 +111,19 @@ def build_engine_status_router() -> APIRouter:
 
     @router.get("/api/v1/engine")
     async def engine_status(request: Request) -> dict[str, Any]:
-        """Which weights the gateway serves now (trainers wait on this after publishing)."""
+        """Which weights the gateway serves now (trainers wait on this after publishing).
+
+        `agent_versions` lists the agents served their own weights; every other agent gets `model_version`.
+        """
         engine = request.app.state.engine
         sync: Optional[ModelSync] = getattr(request.app.state, "model_sync", None)
         return {
             "engine": type(engine).__name__ if engine is not None else None,
             "model": getattr(engine, "model_name", None),
             "model_version": engine.model_version if engine is not None else None,
+            "agent_versions": dict(getattr(engine, "agent_versions", None) or {}),
             "loaded_resources_id": sync.loaded_resources_id if sync else None,
+            "loaded_agents": dict(sync.loaded_agents) if sync else {},
             "last_error": sync.last_error if sync else None,
         }
 

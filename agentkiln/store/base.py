@@ -122,6 +122,14 @@ class Store(abc.ABC):
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
         """Ordered by sequence_id. Raises NotFoundError for an unknown rollout (the gateway relies on it)."""
 
+    async def attempt_statuses(self, rollout_id: str) -> dict[str, AttemptStatus]:
+        """Status of each attempt by attempt id; NotFoundError for an unknown rollout.
+
+        The gateway checks this before every recorded call, so backends answer it without
+        building whole attempts where they can.
+        """
+        return {a.attempt_id: AttemptStatus(a.status) for a in await self.query_attempts(rollout_id)}
+
     @abc.abstractmethod
     async def get_latest_attempt(self, rollout_id: str) -> Optional[Attempt]: ...
 

@@ -224,13 +224,18 @@ def _settle(rollout: Rollout, attempt: Attempt, is_latest: bool, now: float) -> 
     return rollout.model_copy(update={"status": status, "end_time": now if status.finished else None})
 
 
-def record_activity(rollout: Rollout, attempt: Attempt, is_latest: bool, now: float) -> Change:
-    """A heartbeat or span: refresh the attempt and revive it if it was unresponsive and still owns the rollout."""
+def record_activity(rollout: Rollout | None, attempt: Attempt, is_latest: bool, now: float) -> Change:
+    """A heartbeat or span: refresh the attempt and revive it if it was unresponsive and still owns the rollout.
+
+    The rollout is only read to revive an unresponsive attempt; callers may skip loading it otherwise.
+    """
     if attempt.status.finished:
         return Change()
     updated = attempt.model_copy(update={"last_heartbeat": max(attempt.last_heartbeat, now)})
     if attempt.status != A.unresponsive:
         return Change(attempt=updated)
+    if rollout is None:
+        raise ValueError("reviving an unresponsive attempt needs its rollout")
     if is_latest and rollout.status in (R.running, R.requeuing):
         log.info("attempt %s of rollout %s is alive again", attempt.attempt_id, rollout.rollout_id)
         revived = updated.model_copy(update={"status": A.running, "error": None, "end_time": None})
@@ -312,12 +317,17 @@ def sweep_attempt(rollout: Rollout, attempt: Attempt, is_latest: bool, now: floa
 
 def span_record(span: SpanIn) -> dict[str, Any]:
     """A producer's span as plain JSON data (what every backend stores), size-checked."""
+    return span_record_and_attributes_json(span)[0]
+
+
+def span_record_and_attributes_json(span: SpanIn) -> tuple[dict[str, Any], str]:
+    """span_record plus its attributes as JSON text (the size check serialises them anyway)."""
     try:
         data = span.model_dump(mode="json")
     except Exception as exc:  # pydantic raises its own serialisation error types
         raise ValidationError(f"span {span.name!r} is not JSON-serialisable: {exc}") from exc
-    dump_json(data["attributes"], limit=MAX_ATTRIBUTES_BYTES, what=f"attributes of span {span.name!r}")
-    return data
+    text = dump_json(data["attributes"], limit=MAX_ATTRIBUTES_BYTES, what=f"attributes of span {span.name!r}")
+    return data, text
 
 
 # --------------------------------------------------------------------------- workers

@@ -258,6 +258,11 @@ class InMemoryStore(Store):
             self._rollout(rollout_id)
             return [a.model_copy() for a in self._attempts.get(rollout_id, [])]
 
+    async def attempt_statuses(self, rollout_id: str) -> dict[str, AttemptStatus]:
+        async with self._lock:
+            self._rollout(rollout_id)
+            return {a.attempt_id: a.status for a in self._attempts.get(rollout_id, [])}
+
     async def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
         async with self._lock:
             self._rollout(rollout_id)

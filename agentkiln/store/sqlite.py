@@ -304,6 +304,19 @@ class SqliteStore(Store):
 
         return await self._read(op)
 
+    async def attempt_statuses(self, rollout_id: str) -> dict[str, AttemptStatus]:
+        def op(conn: sqlite3.Connection) -> dict[str, AttemptStatus]:
+            rows = conn.execute(
+                "SELECT a.attempt_id, a.status FROM rollouts r LEFT JOIN attempts a ON a.rollout_id = r.rollout_id "
+                "WHERE r.rollout_id = ?",
+                (rollout_id,),
+            ).fetchall()
+            if not rows:
+                raise NotFoundError(f"rollout {rollout_id} not found")
+            return {aid: AttemptStatus(status) for aid, status in rows if aid is not None}
+
+        return await self._read(op)
+
     async def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
         return await self._read(lambda conn: q.latest_attempt(conn, q.get_rollout(conn, rollout_id)))
 
@@ -339,16 +352,21 @@ class SqliteStore(Store):
         thus never stores a span twice. Lookup and insert share one write transaction, and the
         span key index backs it up against any other writer.
         """
-        records = [lifecycle.span_record(s) for s in spans]
+        records, attributes_json = [], []
+        for s in spans:
+            rec, text = lifecycle.span_record_and_attributes_json(s)
+            records.append(rec)
+            attributes_json.append(text)
 
         def op(conn: sqlite3.Connection) -> list[Span]:
-            owners: dict[tuple[str, str], tuple[Rollout, Attempt, int]] = {}
+            owners: dict[tuple[str, str], tuple[Rollout | None, Attempt, int]] = {}
             wanted: dict[tuple[str, str], list[str]] = {}
             for rec in records:  # validate the whole batch before storing any of it
                 key = (rec["rollout_id"], rec["attempt_id"])
                 if key not in owners:
-                    rollout = q.get_rollout(conn, key[0])
-                    attempt = q.get_attempt(conn, *key)
+                    attempt = q.get_attempt(conn, *key)  # it exists only if its rollout does
+                    # The rollout matters only to revive an unresponsive attempt (see record_activity).
+                    rollout = q.get_rollout(conn, key[0]) if attempt.status == AttemptStatus.unresponsive else None
                     last = conn.execute(
                         "SELECT COALESCE(MAX(sequence_id), 0) FROM spans WHERE rollout_id = ? AND attempt_id = ?", key
                     ).fetchone()[0]
@@ -360,7 +378,7 @@ class SqliteStore(Store):
                 for span_id, span in q.stored_spans(conn, *key, span_ids).items()
             }
             out, rows = [], []
-            for rec in records:
+            for rec, text in zip(records, attributes_json):
                 span_key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
                 span = known.get(span_key)
                 if span is not None:  # re-sent, or repeated in this batch
@@ -370,13 +388,13 @@ class SqliteStore(Store):
                 owners[span_key[:2]] = (rollout, attempt, last + 1)
                 span = known[span_key] = Span.model_validate({**rec, "sequence_id": last + 1})
                 out.append(span)
-                rows.append(span_values(rec, attempt.sequence_id, last + 1))
+                rows.append(span_values(rec, attempt.sequence_id, last + 1, text))
             if len(rows) < len(records):
                 log.info("ignoring %d re-sent span(s)", len(records) - len(rows))
             conn.executemany(f"INSERT INTO spans ({S_INSERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             now = wall_now()
             for rollout, attempt, _ in owners.values():
-                is_latest = attempt.sequence_id == rollout.num_attempts
+                is_latest = rollout is not None and attempt.sequence_id == rollout.num_attempts
                 q.apply(conn, lifecycle.record_activity(rollout, attempt, is_latest, now))
             return out
 

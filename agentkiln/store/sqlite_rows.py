@@ -124,11 +124,14 @@ def span_from_row(row: Sequence[Any]) -> Span:
     )
 
 
-def span_values(rec: dict[str, Any], attempt_seq: int, sequence_id: int) -> tuple[Any, ...]:
+def span_values(
+    rec: dict[str, Any], attempt_seq: int, sequence_id: int, attributes_json: str | None = None
+) -> tuple[Any, ...]:
     """Row for S_INSERT_COLS from a span record (see lifecycle.span_record)."""
+    attributes = attributes_json if attributes_json is not None else dumps(rec["attributes"])
     return (
         rec["rollout_id"], rec["attempt_id"], attempt_seq, sequence_id, rec["name"], rec["trace_id"],
-        rec["span_id"], rec["parent_id"], rec["start_time"], rec["end_time"], dumps(rec["attributes"]),
+        rec["span_id"], rec["parent_id"], rec["start_time"], rec["end_time"], attributes,
         dumps(rec["events"]), dumps(rec["status"]), dumps(rec["resource"]),
     )  # fmt: skip
 
