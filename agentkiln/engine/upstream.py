@@ -101,6 +101,14 @@ class _Response:
         return b"".join([c async for c in self.chunks()])
 
 
+def _dumps(body: dict[str, Any]) -> bytes:
+    """A request body as JSON bytes (orjson, or json for what orjson cannot encode)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body).encode()
+
+
 def _loads(raw: bytes) -> Any:
     """Parse an upstream JSON body; orjson is several times faster on this per-token path.
 
@@ -314,7 +322,7 @@ class UpstreamEngine(Engine):
 
     async def _post_json(self, body: dict[str, Any]) -> Any:
         if self._lean is not None:
-            status, raw = await self._lean.post("/chat/completions", json.dumps(body).encode())
+            status, raw = await self._lean.post("/chat/completions", _dumps(body))
             if status >= 400:
                 raise UpstreamStatusError(status, raw)
             return _loads(raw)
@@ -326,7 +334,7 @@ class UpstreamEngine(Engine):
     async def _stream_lines(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[list[bytes]]]:
         """The SSE body's lines, batched per network read (see `line_batches`)."""
         if self._lean is not None:
-            async with self._lean.stream("/chat/completions", json.dumps(body).encode()) as (status, batches):
+            async with self._lean.stream("/chat/completions", _dumps(body)) as (status, batches):
                 if status >= 400:
                     raise UpstreamStatusError(status, b"\n".join([line async for batch in batches for line in batch]))
                 yield batches

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 import socket
@@ -89,6 +90,10 @@ async def serve_async(
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can read and write the store", host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    # What start-up allocated (model, libraries, app) lives as long as the server: keep it out of
+    # the garbage collector's full passes, which otherwise stall a request now and then.
+    gc.collect()
+    gc.freeze()
     await uvicorn.Server(config).serve()
 
 

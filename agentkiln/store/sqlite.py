@@ -73,6 +73,8 @@ T = TypeVar("T")
 
 POLL_S = 0.25  # wait_for_rollouts re-reads the file this often (other processes may finish rollouts)
 READ_BUSY_S = 0.05  # a direct read that finds the file busy this long goes through the database thread
+DIRECT_WRITE_MAX_SPANS = 16  # larger span batches always join the group commit
+CHECKPOINT_EVERY = 200  # direct commits between WAL checkpoints (about 1 MB of WAL for LLM spans)
 _BUSY = object()
 
 
@@ -92,6 +94,9 @@ class SqliteStore(Store):
         self._last_sweep = time.monotonic()
         self._reader: sqlite3.Connection | None = None
         self._reader_thread = 0
+        self._writer: sqlite3.Connection | None = None
+        self._writer_thread = 0
+        self._direct_commits = 0
 
     def _read_direct(self, fn: Callable[[sqlite3.Connection], T]) -> T | object:
         """Run a small read in one read transaction on this thread; _BUSY if it cannot (then use _call)."""
@@ -115,6 +120,45 @@ class SqliteStore(Store):
             return _BUSY
         finally:
             conn.execute("COMMIT")
+
+    def _write_direct(self, fn: Callable[[sqlite3.Connection], T]) -> T | object:
+        """Run a small write in its own transaction on this thread; _BUSY if the file is locked (then use _call).
+
+        A lone LLM span (the gateway's hot path) then costs one commit and no round trip to the
+        database thread. The lock is tried, never waited for: whenever the database thread or
+        another process is writing, the caller joins the group commit as before. This
+        connection never checkpoints; the database thread does, every CHECKPOINT_EVERY direct commits.
+        """
+        if self.path == ":memory:" or self._closed:
+            return _BUSY
+        if self._writer is None:
+            self._writer = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+            self._writer.execute("PRAGMA synchronous=NORMAL")
+            self._writer.execute("PRAGMA wal_autocheckpoint=0")
+            self._writer_thread = threading.get_ident()
+        elif self._writer_thread != threading.get_ident():
+            return _BUSY  # one thread per connection, as for reads
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return _BUSY
+        try:
+            value = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                return _BUSY  # e.g. locked at COMMIT: nothing was stored, the database thread retries
+            raise
+        self._direct_commits += 1
+        if self._direct_commits % CHECKPOINT_EVERY == 0:
+            self._db.request_checkpoint()
+        return value
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        value = self._write_direct(fn)
+        return await self._call(fn) if value is _BUSY else value  # type: ignore[return-value]
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         value = self._read_direct(fn)
@@ -144,9 +188,10 @@ class SqliteStore(Store):
             return
         self._closed = True
         self._finalizer.detach()
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                conn.close()
+        self._reader = self._writer = None
         await asyncio.to_thread(self._db.stop)
 
     # ------------------------------------------------------------------ rollouts
@@ -398,7 +443,7 @@ class SqliteStore(Store):
                 q.apply(conn, lifecycle.record_activity(rollout, attempt, is_latest, now))
             return out
 
-        return await self._call(op)
+        return await self._write(op) if len(records) <= DIRECT_WRITE_MAX_SPANS else await self._call(op)
 
     async def query_spans(
         self,

@@ -24,6 +24,7 @@ from agentkiln.store.sqlite_schema import open_connection
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512  # requests per group-commit transaction
+_CHECKPOINT = object()  # queue item: checkpoint the WAL between transactions
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DbThread:
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Request | object | None] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"agentkiln-sqlite:{path}", daemon=True)
@@ -60,6 +61,10 @@ class DbThread:
 
     def submit(self, request: Request) -> None:
         self._queue.put(request)
+
+    def request_checkpoint(self) -> None:
+        """Fold the WAL back into the database file soon (PASSIVE: never waits for readers or writers)."""
+        self._queue.put(_CHECKPOINT)
 
     def request_stop(self) -> None:
         """Finish queued work, then close the connection (does not wait)."""
@@ -82,7 +87,11 @@ class DbThread:
             first = self._queue.get()
             if first is None:
                 break
+            if first is _CHECKPOINT:
+                self._checkpoint(conn)
+                continue
             batch = [first]
+            checkpoint = False
             while len(batch) < MAX_BATCH:
                 try:
                     nxt = self._queue.get_nowait()
@@ -91,9 +100,21 @@ class DbThread:
                 if nxt is None:
                     stopping = True
                     break
+                if nxt is _CHECKPOINT:
+                    checkpoint = True
+                    continue
                 batch.append(nxt)
             self._execute(conn, batch)
+            if checkpoint:
+                self._checkpoint(conn)
         conn.close()
+
+    @staticmethod
+    def _checkpoint(conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            log.warning("sqlite checkpoint failed", exc_info=True)
 
     def _execute(self, conn: sqlite3.Connection, batch: list[Request]) -> None:
         write = any(r.write for r in batch)
