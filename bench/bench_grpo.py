@@ -13,24 +13,32 @@ TRL takes old logprobs = detached current ones (no extra pass), like our recorde
 path. The optimizer step (trainer.create_optimizer(), AdamW, lr 1e-5) and clipping are done
 by hand after training_step, as Trainer's loop would.
 
-Contenders: GRPOLearner with the group's shared prompt run once (default), GRPOLearner with
-every row run in full (share_prompt=False, the like-for-like comparison), TRL. "tok/s" counts
-prompt + completion tokens of every row for all of them, whatever each actually computes.
-The contenders run interleaved, one step each per round, so load from other processes on the
-machine hits them alike; the first round is warm-up; medians are reported.
+Contenders: GRPOLearner as configured by default (tree-packed micro-batch: the group's prompt
+runs once, no padding), GRPOLearner with every row run in full (share_prompt=False: packed
+without padding, but each row's prompt is computed again: the tokens TRL computes, less its
+padding), TRL with bf16 autocast and TRL in fp32. Like-for-like = same batch, same precision
+(ours bf16 autocast vs TRL bf16). "tok/s" counts prompt + completion tokens of every row for
+all of them, whatever each actually computes. The contenders run interleaved, one step each per round, so load from other
+processes on the machine hits them alike; the first round is warm-up; medians are reported.
+--compare-git REV also times agentkiln/algorithms/grpo.py as of a git revision (before/after).
 
-Run: HF_HUB_OFFLINE=1 python bench/bench_grpo.py [--steps 3] [--trl-bf16] [--ours-fp32]
+Run: HF_HUB_OFFLINE=1 python bench/bench_grpo.py [--steps 3] [--ours-fp32] [--compare-git HEAD]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -39,6 +47,8 @@ from agentkiln.engine.model_files import load_tokenizer, smollm2_dir
 from agentkiln.models import Transition
 
 log = logging.getLogger("bench_grpo")
+SHARED = "agentkiln bf16 (default, packed)"
+PER_ROW = "agentkiln bf16 every row in full"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,17 +66,39 @@ def make_batch(tok, k: int, min_len: int, max_len: int, seed: int) -> tuple[list
     return list(prompt), completions, advantages
 
 
-def ours_step(model_dir, prompt, completions, advantages, bf16: bool, share: bool = True) -> Callable[[], None]:
-    """Build a GRPOLearner; return a function doing one update on the fixed batch."""
+def grpo_module_at(rev: str):
+    """agentkiln/algorithms/grpo.py as of git revision `rev`, imported under another name."""
+    root = Path(__file__).resolve().parent.parent
+    src = subprocess.run(
+        ["git", "show", f"{rev}:agentkiln/algorithms/grpo.py"], cwd=root, check=True, capture_output=True, text=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "grpo_at_rev.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("grpo_at_rev", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["grpo_at_rev"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ours_step(
+    model_dir, prompt, completions, advantages, bf16: bool, share: bool = True, module=None
+) -> Callable[[], None]:
+    """Build a GRPOLearner (of `module`, default the current one); return a function doing one update."""
     torch.manual_seed(0)
-    learner = GRPOLearner(
+    learner_cls, config_cls, lora_cls = (
+        (module.GRPOLearner, module.GRPOConfig, module.LoraSettings)
+        if module
+        else (GRPOLearner, GRPOConfig, LoraSettings)
+    )
+    learner = learner_cls(
         model_dir,
-        GRPOConfig(
+        config_cls(
             lr=1e-5,
             share_prompt=share,
             micro_batch_size=len(completions),
             bf16=bf16,
-            lora=LoraSettings(r=16, alpha=32, target_modules=TARGETS),
+            lora=lora_cls(r=16, alpha=32, target_modules=TARGETS),
         ),
     )
     ts = [
@@ -153,13 +185,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--min-len", type=int, default=12)
     ap.add_argument("--max-len", type=int, default=64)
-    ap.add_argument(
-        "--trl-bf16",
-        action="store_true",
-        help="let TRL autocast to bf16 too (default fp32, as measured in MODEL-NOTES)",
-    )
-    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--trl", choices=("both", "bf16", "fp32", "none"), default="both", help="TRL precision(s) to time")
     ap.add_argument("--ours-fp32", action="store_true", help="also time GRPOLearner without autocast")
+    ap.add_argument("--compare-git", metavar="REV", help="also time grpo.py as of this git revision")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -176,21 +204,22 @@ def main() -> None:
         f"batch: {a.k} completions, prompt {len(prompt)} tokens, completions {resp} tokens, {tokens} tokens in all; torch threads {torch.get_num_threads()}"
     )
 
+    batch = (model_dir, prompt, completions, advantages)
     contenders: list[tuple[str, Callable[[], None]]] = [
-        ("agentkiln bf16 shared-prompt", ours_step(model_dir, prompt, completions, advantages, True, share=True)),
-        ("agentkiln bf16 per-row", ours_step(model_dir, prompt, completions, advantages, True, share=False)),
+        (SHARED, ours_step(*batch, True, share=True)),
+        (PER_ROW, ours_step(*batch, True, share=False)),
     ]
     if a.ours_fp32:
-        contenders.append(
-            ("agentkiln fp32 shared-prompt", ours_step(model_dir, prompt, completions, advantages, False))
-        )
-    if not a.skip_trl:
-        contenders.append(
-            (
-                f"TRL GRPOTrainer {'bf16' if a.trl_bf16 else 'fp32'}",
-                trl_step(model_dir, tok, prompt, completions, advantages, a.trl_bf16),
+        contenders.append(("agentkiln fp32 shared-prompt", ours_step(*batch, False)))
+    if a.compare_git:
+        old = grpo_module_at(a.compare_git)
+        contenders.append((f"agentkiln@{a.compare_git} bf16 shared", ours_step(*batch, True, share=True, module=old)))
+        contenders.append((f"agentkiln@{a.compare_git} bf16 per-row", ours_step(*batch, True, share=False, module=old)))
+    for precision in ("bf16", "fp32"):
+        if a.trl in ("both", precision):
+            contenders.append(
+                (f"TRL {precision}", trl_step(model_dir, tok, prompt, completions, advantages, precision == "bf16"))
             )
-        )
     # Interleave the contenders step by step so load from other processes hits all alike;
     # round 0 is warm-up.
     times: dict[str, list[float]] = {name: [] for name, _ in contenders}
@@ -204,12 +233,15 @@ def main() -> None:
     for name, ts in times.items():
         med = medians[name] = statistics.median(ts)
         print(
-            f"{name:28s} step {med:6.2f} s (median of {len(ts)}: {', '.join(f'{t:.2f}' for t in ts)})  {tokens / med:7.1f} tok/s  {resp / med:6.1f} response tok/s"
+            f"{name:32s} step {med:6.2f} s (median of {len(ts)}: {', '.join(f'{t:.2f}' for t in ts)})  {tokens / med:7.1f} tok/s  {resp / med:6.1f} response tok/s"
         )
-    trl_names = [n for n in medians if n.startswith("TRL")]
-    for name, med in medians.items():
-        if trl_names and name not in trl_names:
-            print(f"speed-up of {name} over {trl_names[0]}: {medians[trl_names[0]] / med:.2f}x")
+    # Ratios of tokens/s (= inverse ratio of step times), each of ours over each TRL precision.
+    # Like-for-like = same batch and same precision (bf16 autocast on both sides).
+    for trl in [n for n in medians if n.startswith("TRL")]:
+        for name in (SHARED, PER_ROW):
+            tag = " (like-for-like)" if trl == "TRL bf16" else ""
+            tag += " (no prompt sharing)" if name == PER_ROW else ""
+            print(f"RATIO grpo_update {name} / {trl}{tag}: {medians[trl] / medians[name]:.2f}x")
 
 
 if __name__ == "__main__":
