@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agentkiln.models import SpanIn
-from agentkiln.store import SqliteStore
+from agentkiln.store import NotFoundError, SqliteStore
 from agentkiln.store import sqlite as sqlite_mod
 from agentkiln.store.sqlite_worker import DbThread
 
@@ -75,7 +75,7 @@ async def test_direct_commits_are_checkpointed_by_the_database_thread(tmp_path: 
 async def test_failed_direct_write_stores_nothing(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
     ar = await store.start_rollout("x")
-    with pytest.raises(Exception):
+    with pytest.raises(NotFoundError):
         await store.add_spans([_span(ar.rollout.rollout_id, "at-nope", 1)])
     assert await store.add_spans([_span(ar.rollout.rollout_id, ar.attempt.attempt_id, 1)])
     assert _stored_elsewhere(tmp_path / "s.db", ar.rollout.rollout_id) == [1]

@@ -17,9 +17,9 @@ import uuid
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
-from starlette.routing import Route
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.routing import Route
 
 from agentkiln.engine.base import ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.gateway import openai_schema as oai

@@ -147,7 +147,8 @@ class SqliteStore(Store):
             value = fn(conn)
             conn.execute("COMMIT")
         except BaseException as exc:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.OperationalError):
                 return _BUSY  # e.g. locked at COMMIT: nothing was stored, the database thread retries
             raise
