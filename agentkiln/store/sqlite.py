@@ -92,24 +92,36 @@ class SqliteStore(Store):
         self._waiters: set[asyncio.Future] = set()
         self._sweep_interval_s = sweep_interval_s
         self._last_sweep = time.monotonic()
-        self._reader: sqlite3.Connection | None = None
-        self._reader_thread = 0
-        self._writer: sqlite3.Connection | None = None
-        self._writer_thread = 0
+        # "read" / "write" -> (connection, the thread that opened it) for work done on the caller's thread.
+        self._direct: dict[str, tuple[sqlite3.Connection, int]] = {}
         self._direct_commits = 0
+
+    def _direct_connection(self, kind: str) -> sqlite3.Connection | None:
+        """This thread's own connection of `kind`, opened on first use; None where none can serve.
+
+        One thread per connection: callers on other threads (and in-memory files, which only the
+        database thread's connection sees) go through the database thread.
+        """
+        if self.path == ":memory:" or self._closed:
+            return None
+        owned = self._direct.get(kind)
+        if owned is not None:
+            return owned[0] if owned[1] == threading.get_ident() else None
+        if kind == "read":
+            conn = sqlite3.connect(self.path, timeout=READ_BUSY_S, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only = ON")
+        else:  # never waits for the lock; never checkpoints (the database thread does)
+            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._direct[kind] = (conn, threading.get_ident())
+        return conn
 
     def _read_direct(self, fn: Callable[[sqlite3.Connection], T]) -> T | object:
         """Run a small read in one read transaction on this thread; _BUSY if it cannot (then use _call)."""
-        if self.path == ":memory:" or self._closed:
+        conn = self._direct_connection("read")
+        if conn is None:
             return _BUSY
-        if self._reader is None:
-            self._reader = sqlite3.connect(self.path, timeout=READ_BUSY_S, isolation_level=None,
-                                           check_same_thread=False)  # fmt: skip
-            self._reader.execute("PRAGMA query_only = ON")
-            self._reader_thread = threading.get_ident()
-        elif self._reader_thread != threading.get_ident():
-            return _BUSY  # one thread per connection: callers on other threads use the database thread
-        conn = self._reader
         try:
             conn.execute("BEGIN")
         except sqlite3.OperationalError:
@@ -129,16 +141,9 @@ class SqliteStore(Store):
         another process is writing, the caller joins the group commit as before. This
         connection never checkpoints; the database thread does, every CHECKPOINT_EVERY direct commits.
         """
-        if self.path == ":memory:" or self._closed:
+        conn = self._direct_connection("write")
+        if conn is None:
             return _BUSY
-        if self._writer is None:
-            self._writer = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-            self._writer.execute("PRAGMA synchronous=NORMAL")
-            self._writer.execute("PRAGMA wal_autocheckpoint=0")
-            self._writer_thread = threading.get_ident()
-        elif self._writer_thread != threading.get_ident():
-            return _BUSY  # one thread per connection, as for reads
-        conn = self._writer
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
@@ -189,10 +194,9 @@ class SqliteStore(Store):
             return
         self._closed = True
         self._finalizer.detach()
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                conn.close()
-        self._reader = self._writer = None
+        for conn, _ in self._direct.values():
+            conn.close()
+        self._direct.clear()
         await asyncio.to_thread(self._db.stop)
 
     # ------------------------------------------------------------------ rollouts
