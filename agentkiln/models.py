@@ -13,12 +13,12 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agentkiln.protocol import AGENT_NAME_PATTERN, SpanAttrs, SpanNames  # noqa: F401  (re-exported)
+
 # Upper bounds that keep one bad client from filling the store or the server's memory.
 MAX_INPUT_BYTES = 1_000_000
 MAX_ATTRIBUTES_BYTES = 4_000_000
 MAX_NAME_LENGTH = 512
-# Agent names travel in URL paths, headers and regexes (see agentkiln.runner.identity).
-AGENT_NAME_PATTERN = r"[A-Za-z0-9_.\-]{1,128}"
 
 
 def new_id(prefix: str) -> str:
@@ -181,40 +181,6 @@ class SpanIn(_Wire):
 
 class Span(SpanIn):
     sequence_id: int = Field(description="order of arrival within the attempt, from 1")
-
-
-# Span names and attribute keys that several parts agree on.
-class SpanNames:
-    llm_call = "kiln.llm.call"  # one gateway call (chat completion / response)
-    reward = "kiln.reward"  # emitted reward (final or intermediate)
-    message = "kiln.message"
-    object = "kiln.object"
-    exception = "kiln.exception"
-    tool = "kiln.tool"
-
-
-class SpanAttrs:
-    # rewards
-    reward_value = "kiln.reward.value"  # float
-    reward_name = "kiln.reward.name"  # "primary" unless given
-    reward_final = "kiln.reward.final"  # bool: final vs intermediate
-    reward_dims = "kiln.reward.dims"  # dict[str, float] for multi-dimensional rewards
-    # llm calls (written by the gateway)
-    agent_name = "kiln.agent.name"
-    model_version = "kiln.model.version"
-    request = "kiln.llm.request"  # the request body (messages, tools, sampling)
-    response = "kiln.llm.response"  # the OpenAI-shaped response body
-    prompt_token_ids = "kiln.llm.prompt_token_ids"
-    response_token_ids = "kiln.llm.response_token_ids"
-    response_logprobs = "kiln.llm.response_logprobs"
-    finish_reason = "kiln.llm.finish_reason"
-    parse_error = "kiln.llm.parse_error"  # str: why a tool call could not be parsed
-    latency_s = "kiln.llm.latency_s"
-    # failures
-    failure_kind = "kiln.failure.kind"
-    exception_type = "kiln.exception.type"
-    exception_message = "kiln.exception.message"
-    exception_stack = "kiln.exception.stack"
 
 
 # --------------------------------------------------------------------------- resources

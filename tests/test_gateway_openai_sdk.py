@@ -8,7 +8,8 @@ import importlib.util
 import openai
 import pytest
 
-from agentkiln.gateway.recording import CHOICE_INDEX, resolve_agent_name
+from agentkiln.gateway.recording import resolve_agent_name
+from agentkiln.protocol import SpanAttrs
 from agentkiln.models import SpanAttrs, SpanNames
 from agentkiln.store.memory import InMemoryStore
 from tests.gateway_fakes import ScriptedEngine, ServedApp, decode, gateway_app
@@ -137,7 +138,7 @@ def test_n_choices_give_one_span_each(env):
     out = client(env.rollout_url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=3)
     assert [ch.index for ch in out.choices] == [0, 1, 2]
     got = spans(env)
-    assert sorted(s.attributes[CHOICE_INDEX] for s in got) == [0, 1, 2]
+    assert sorted(s.attributes[SpanAttrs.choice_index] for s in got) == [0, 1, 2]
     assert all(len(s.attributes[SpanAttrs.response]["choices"]) == 1 for s in got)
     assert out.usage.completion_tokens == 3 * len(REPLY)
 

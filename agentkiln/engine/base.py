@@ -90,6 +90,10 @@ class Engine(abc.ABC):
         """Agent name -> version of that agent's own weights (empty: every agent gets the main weights)."""
         return {}
 
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, for OpenAI logprobs entries ("" when the engine has no tokenizer)."""
+        return ""
+
     @abc.abstractmethod
     async def chat(self, request: ChatRequest) -> ChatResult: ...
 

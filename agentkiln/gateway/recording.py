@@ -14,17 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from agentkiln.engine.base import ChatRequest, ChatResult
-from agentkiln.models import FailureKind, SpanAttrs, SpanIn, SpanNames, SpanStatus
-
-# Attribute keys only the gateway writes (the shared ones live in SpanAttrs).
-CHOICE_INDEX = "kiln.llm.choice_index"
-CALL_ID = "kiln.llm.call_id"  # the chat completion / response id, shared by the spans of one call
-API = "kiln.llm.api"  # "chat.completions" or "responses"
-STREAMED = "kiln.llm.stream"
-
-AGENT_HEADER = "x-kiln-agent"
-ROLLOUT_HEADER = "x-kiln-rollout-id"
-ATTEMPT_HEADER = "x-kiln-attempt-id"
+from agentkiln.models import FailureKind, SpanIn, SpanStatus
+from agentkiln.protocol import Headers, LLMCall, SpanAttrs, SpanNames
 
 
 def resolve_agent_name(
@@ -42,7 +33,7 @@ def resolve_agent_name(
     """
     if path_agent:
         return path_agent
-    header = headers.get(AGENT_HEADER)
+    header = headers.get(Headers.agent)
     if header:
         return header
     if metadata and isinstance(metadata.get("agent"), str) and metadata["agent"]:
@@ -69,14 +60,16 @@ class CallContext:
     stream: bool = False
 
 
-def _base_attrs(ctx: CallContext) -> dict[str, Any]:
-    return {
-        SpanAttrs.request: ctx.engine_request.model_dump(mode="json"),
-        SpanAttrs.agent_name: ctx.agent_name,
-        CALL_ID: ctx.call_id,
-        API: ctx.api,
-        STREAMED: ctx.stream,
-    }
+def _call(ctx: CallContext, **fields: Any) -> LLMCall:
+    # model_construct: the gateway built every field itself; validating again costs latency.
+    return LLMCall.model_construct(
+        request=ctx.engine_request.model_dump(mode="json"),
+        agent=ctx.agent_name,
+        call_id=ctx.call_id,
+        api=ctx.api,
+        stream=ctx.stream,
+        **fields,
+    )
 
 
 def spans_for_result(
@@ -88,20 +81,18 @@ def spans_for_result(
     """One llm_call span per choice; `response_for_choice(i)` gives the OpenAI body limited to choice i."""
     spans = []
     for i, choice in enumerate(result.choices):
-        attrs = _base_attrs(ctx)
-        attrs.update(
-            {
-                SpanAttrs.response: response_for_choice(i),
-                SpanAttrs.prompt_token_ids: list(result.prompt_ids),
-                SpanAttrs.response_token_ids: list(choice.response_ids),
-                SpanAttrs.response_logprobs: list(choice.logprobs),
-                SpanAttrs.model_version: result.model_version,
-                SpanAttrs.latency_s: end_time - ctx.start_time,
-                SpanAttrs.finish_reason: choice.finish_reason,
-                SpanAttrs.parse_error: choice.parse_error,
-                CHOICE_INDEX: choice.index,
-            }
-        )
+        attrs = _call(
+            ctx,
+            response=response_for_choice(i),
+            prompt_ids=list(result.prompt_ids),
+            response_ids=list(choice.response_ids),
+            logprobs=list(choice.logprobs),
+            model_version=result.model_version,
+            latency_s=end_time - ctx.start_time,
+            finish_reason=choice.finish_reason,
+            parse_error=choice.parse_error,
+            choice_index=choice.index,
+        ).attributes()
         spans.append(
             SpanIn(
                 rollout_id=ctx.rollout_id,
@@ -118,11 +109,9 @@ def spans_for_result(
 
 def span_for_error(ctx: CallContext, exc: BaseException, end_time: float, model_version: Optional[str]) -> SpanIn:
     """The engine failed: keep a trace of it so the attempt can be attributed to an LLM error."""
-    attrs = _base_attrs(ctx)
+    attrs = _call(ctx, model_version=model_version, latency_s=end_time - ctx.start_time).attributes()
     attrs.update(
         {
-            SpanAttrs.model_version: model_version,
-            SpanAttrs.latency_s: end_time - ctx.start_time,
             SpanAttrs.failure_kind: FailureKind.llm_error.value,
             SpanAttrs.exception_type: type(exc).__name__,
             SpanAttrs.exception_message: str(exc),

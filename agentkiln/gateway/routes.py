@@ -24,16 +24,9 @@ from starlette.routing import Route
 from agentkiln.engine.base import ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.gateway import openai_schema as oai
 from agentkiln.gateway.openai_schema import GatewayError
-from agentkiln.gateway.recording import (
-    ATTEMPT_HEADER,
-    ROLLOUT_HEADER,
-    CallContext,
-    resolve_agent_name,
-    span_for_error,
-    spans_for_result,
-)
+from agentkiln.gateway.recording import CallContext, resolve_agent_name, span_for_error, spans_for_result
 from agentkiln.models import SpanIn
-from agentkiln.runner.identity import is_valid_agent_name
+from agentkiln.protocol import ATTEMPT_AGENT_ROUTE, ATTEMPT_ROUTE, OPENAI_PREFIX, Headers, is_valid_agent_name
 from agentkiln.store.base import NotFoundError, Store, StoreError
 
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -43,9 +36,6 @@ log = logging.getLogger(__name__)
 StoreGetter = Callable[[Request], Optional[Store]]
 EngineGetter = Callable[[Request], Optional[Engine]]
 
-ROLLOUT_PREFIX = "/rollout/{rollout_id}/attempt/{attempt_id}/v1"
-# The same, with the calling agent's name fixed by the URL (one base URL per agent of a multi-agent program).
-AGENT_PREFIX = "/rollout/{rollout_id}/attempt/{attempt_id}/agent/{agent_name}/v1"
 MAX_BODY_BYTES = 8_000_000
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -74,7 +64,7 @@ def build_gateway_routes(
     """
     gw = _Gateway(get_store or _default_store, get_engine or _default_engine, default_max_tokens)
     routes = []
-    for prefix in ("/v1", ROLLOUT_PREFIX, AGENT_PREFIX):
+    for prefix in (OPENAI_PREFIX, ATTEMPT_ROUTE, ATTEMPT_AGENT_ROUTE):
         routes.append(Route(f"{prefix}/chat/completions", gw.chat_completions, methods=["POST"]))
         routes.append(Route(f"{prefix}/responses", gw.responses, methods=["POST"]))
         routes.append(Route(f"{prefix}/models", gw.models, methods=["GET"]))
@@ -203,12 +193,12 @@ class _Gateway:
 
     async def _target(self, request: Request) -> _Target:
         _path_agent(request)  # reject a bad name before anything else happens
-        rid = request.path_params.get("rollout_id") or request.headers.get(ROLLOUT_HEADER)
-        aid = request.path_params.get("attempt_id") or request.headers.get(ATTEMPT_HEADER)
+        rid = request.path_params.get("rollout_id") or request.headers.get(Headers.rollout_id)
+        aid = request.path_params.get("attempt_id") or request.headers.get(Headers.attempt_id)
         if rid is None and aid is None:
             return _Target(None, None, None)
         if not rid or not aid:
-            raise oai.invalid(f"Both {ROLLOUT_HEADER} and {ATTEMPT_HEADER} are needed to record a call")
+            raise oai.invalid(f"Both {Headers.rollout_id} and {Headers.attempt_id} are needed to record a call")
         store = self._get_store(request)
         if store is None:
             raise GatewayError(503, "No store is attached to this server", type="server_error", code="store_missing")

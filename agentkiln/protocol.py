@@ -1,0 +1,351 @@
+"""The wire protocol every AgentKiln process speaks, declared once.
+
+Routes and URL builders, header names, environment variables handed to sidecar agents, span
+names, every `kiln.*` attribute key, and `LLMCall`: the typed record of one LLM call that the
+gateway writes and the adapter, the loop guard, `kiln dev` and APO read. A key spelled twice in
+two modules drifts; everything that crosses a process boundary takes its name from here.
+
+This module imports nothing heavier than pydantic, so a runner-only install can use it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+# --------------------------------------------------------------------------- routes
+
+API_PREFIX = "/api/v1"  # the store API (rollouts, attempts, spans, resources, workers, engine status)
+OPENAI_PREFIX = "/v1"  # the OpenAI-compatible gateway, unrecorded unless headers name an attempt
+ATTEMPT_ROUTE = "/rollout/{rollout_id}/attempt/{attempt_id}/v1"  # one attempt's recorded gateway
+ATTEMPT_AGENT_ROUTE = "/rollout/{rollout_id}/attempt/{attempt_id}/agent/{agent_name}/v1"
+OTLP_TRACES_PATH = "/v1/traces"
+ENGINE_STATUS_PATH = API_PREFIX + "/engine"
+
+# Agent names travel in URL paths, headers and regexes.
+AGENT_NAME_PATTERN = r"[A-Za-z0-9_.\-]{1,128}"
+_AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
+# A per-attempt gateway URL, optionally naming an agent.
+_ATTEMPT_URL_RE = re.compile(
+    r"^(?P<root>(?P<server>.*)/rollout/(?P<rollout_id>[^/]+)/attempt/(?P<attempt_id>[^/]+))"
+    r"(?:/agent/(?P<agent>[^/]+))?/v1/?$"
+)
+
+
+def is_valid_agent_name(name: object) -> bool:
+    """1-128 characters of [A-Za-z0-9_.-]: safe in a URL path segment, a header and a regex match."""
+    return isinstance(name, str) and _AGENT_NAME_RE.fullmatch(name) is not None
+
+
+def validate_agent_name(name: str) -> str:
+    if not is_valid_agent_name(name):
+        raise ValueError(f"agent name must be 1-128 characters of A-Z a-z 0-9 _ . -, got {name!r}")
+    return name
+
+
+def api_url(server: str, path: str = "") -> str:
+    """`{server}/api/v1{path}`."""
+    return server.rstrip("/") + API_PREFIX + path
+
+
+def attempt_base_url(server: str, rollout_id: str, attempt_id: str, agent: Optional[str] = None) -> str:
+    """The OpenAI base URL an agent uses for one attempt (its calls are recorded on that attempt)."""
+    root = f"{server.rstrip('/')}/rollout/{rollout_id}/attempt/{attempt_id}"
+    return f"{root}/agent/{validate_agent_name(agent)}/v1" if agent else f"{root}/v1"
+
+
+@dataclass(frozen=True)
+class AttemptURL:
+    server: str
+    rollout_id: str
+    attempt_id: str
+    agent: Optional[str]
+
+
+def parse_attempt_url(url: Optional[str]) -> Optional[AttemptURL]:
+    """The parts of a per-attempt gateway URL, or None for any other URL."""
+    match = _ATTEMPT_URL_RE.match(url or "")
+    if match is None:
+        return None
+    return AttemptURL(match["server"], match["rollout_id"], match["attempt_id"], match["agent"])
+
+
+def with_agent(url: Optional[str], agent: str) -> Optional[str]:
+    """`url` naming `agent` when it is a per-attempt URL; any other URL unchanged."""
+    parts = parse_attempt_url(url)
+    if parts is None:
+        return url
+    return attempt_base_url(parts.server, parts.rollout_id, parts.attempt_id, agent)
+
+
+# --------------------------------------------------------------------------- headers and environment
+
+
+class Headers:
+    """HTTP headers (lower case, as ASGI delivers them)."""
+
+    agent = "x-kiln-agent"
+    rollout_id = "x-kiln-rollout-id"
+    attempt_id = "x-kiln-attempt-id"
+    api_key = "x-api-key"
+    idempotency_key = "idempotency-key"
+
+
+class EnvVars:
+    """What a sidecar agent (any language) reads from its environment."""
+
+    server_url = "KILN_SERVER_URL"
+    api_key = "KILN_API_KEY"
+    rollout_id = "KILN_ROLLOUT_ID"
+    attempt_id = "KILN_ATTEMPT_ID"
+    attempt_number = "KILN_ATTEMPT_NUMBER"
+    task = "KILN_TASK"
+    model = "KILN_MODEL"
+    sampling = "KILN_SAMPLING"
+    prompts = "KILN_PROMPTS"
+    openai_base_url = "OPENAI_BASE_URL"
+    openai_api_key = "OPENAI_API_KEY"
+    otel_resource_attributes = "OTEL_RESOURCE_ATTRIBUTES"
+    otel_traces_headers = "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
+
+
+# --------------------------------------------------------------------------- spans
+
+
+class SpanNames:
+    llm_call = "kiln.llm.call"  # one gateway call (chat completion / response), one span per choice
+    reward = "kiln.reward"  # emitted reward (final or intermediate)
+    message = "kiln.message"
+    object = "kiln.object"
+    exception = "kiln.exception"
+    tool = "kiln.tool"
+    sidecar = "kiln.sidecar"
+
+
+class SpanAttrs:
+    # which attempt a span belongs to (OTLP resource/span attributes of framework spans)
+    rollout_id = "kiln.rollout_id"
+    attempt_id = "kiln.attempt_id"
+    # rewards
+    reward_value = "kiln.reward.value"  # float
+    reward_name = "kiln.reward.name"  # "primary" unless given
+    reward_final = "kiln.reward.final"  # bool: final vs intermediate
+    reward_dims = "kiln.reward.dims"  # dict[str, float] for multi-dimensional rewards
+    # llm calls (written by the gateway only; see LLMCall)
+    agent_name = "kiln.agent.name"
+    model_version = "kiln.model.version"
+    request = "kiln.llm.request"  # the engine request (messages, tools, sampling)
+    response = "kiln.llm.response"  # the OpenAI-shaped response body, limited to this choice
+    prompt_token_ids = "kiln.llm.prompt_token_ids"
+    response_token_ids = "kiln.llm.response_token_ids"
+    response_logprobs = "kiln.llm.response_logprobs"
+    finish_reason = "kiln.llm.finish_reason"
+    parse_error = "kiln.llm.parse_error"  # str: why a tool call could not be parsed
+    latency_s = "kiln.llm.latency_s"
+    choice_index = "kiln.llm.choice_index"
+    call_id = "kiln.llm.call_id"  # chat completion / response id, shared by the choices of one call
+    api = "kiln.llm.api"  # "chat.completions" or "responses"
+    stream = "kiln.llm.stream"
+    # failures
+    failure_kind = "kiln.failure.kind"
+    exception_type = "kiln.exception.type"
+    exception_message = "kiln.exception.message"
+    exception_stack = "kiln.exception.stack"
+    # messages, objects, tools, sidecars (written by the runner)
+    message_text = "kiln.message.text"
+    object_value = "kiln.object.value"
+    object_type = "kiln.object.type"
+    tool_name = "kiln.tool.name"
+    tool_arguments = "kiln.tool.arguments"
+    sidecar_command = "kiln.sidecar.command"
+    sidecar_exit_code = "kiln.sidecar.exit_code"
+    sidecar_stdout_tail = "kiln.sidecar.stdout_tail"
+    sidecar_stderr_tail = "kiln.sidecar.stderr_tail"
+
+
+LLM_ONLY_PREFIX = "kiln.llm."  # attributes only the gateway may write
+
+
+# --------------------------------------------------------------------------- one LLM call
+
+
+def _int_list(value: Any) -> Optional[list[int]]:
+    if not isinstance(value, (list, tuple)):
+        return None
+    try:
+        return [int(x) for x in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_list(value: Any) -> Optional[list[float]]:
+    if not isinstance(value, (list, tuple)):
+        return None
+    try:
+        return [float(x) for x in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def _opt_str(value: Any) -> Optional[str]:
+    return None if value is None else str(value)
+
+
+class LLMCall(BaseModel):
+    """One choice of one gateway call, as recorded on its `kiln.llm.call` span.
+
+    `from_attributes` is tolerant (a field that does not parse is None and `logprobs_valid` says
+    whether logprobs were present but unreadable), because spans also arrive from other
+    producers and the adapter must report why a call was left out instead of failing.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    call_id: Optional[str] = None
+    choice_index: int = 0
+    api: Optional[Literal["chat.completions", "responses"]] = None
+    stream: bool = False
+    agent: Optional[str] = None
+    model_version: Optional[str] = None
+    request: dict[str, Any] = {}
+    response: Optional[dict[str, Any]] = None
+    prompt_ids: Optional[list[int]] = None
+    response_ids: Optional[list[int]] = None
+    logprobs: Optional[list[float]] = None
+    logprobs_valid: bool = True
+    finish_reason: Optional[str] = None
+    parse_error: Optional[str] = None
+    latency_s: Optional[float] = None
+
+    def attributes(self) -> dict[str, Any]:
+        """The span attributes this call is recorded as (the inverse of `from_attributes`)."""
+        attrs: dict[str, Any] = {
+            SpanAttrs.request: self.request,
+            SpanAttrs.agent_name: self.agent,
+            SpanAttrs.call_id: self.call_id,
+            SpanAttrs.api: self.api,
+            SpanAttrs.stream: self.stream,
+            SpanAttrs.model_version: self.model_version,
+            SpanAttrs.latency_s: self.latency_s,
+        }
+        if self.response is not None:
+            attrs.update(
+                {
+                    SpanAttrs.response: self.response,
+                    SpanAttrs.prompt_token_ids: self.prompt_ids,
+                    SpanAttrs.response_token_ids: self.response_ids,
+                    SpanAttrs.response_logprobs: self.logprobs,
+                    SpanAttrs.finish_reason: self.finish_reason,
+                    SpanAttrs.parse_error: self.parse_error,
+                    SpanAttrs.choice_index: self.choice_index,
+                }
+            )
+        return attrs
+
+    @classmethod
+    def from_attributes(cls, attrs: dict[str, Any]) -> LLMCall:
+        raw_lp = attrs.get(SpanAttrs.response_logprobs)
+        logprobs = _float_list(raw_lp)
+        request = attrs.get(SpanAttrs.request)
+        response = attrs.get(SpanAttrs.response)
+        api = attrs.get(SpanAttrs.api)
+        latency = attrs.get(SpanAttrs.latency_s)
+        index = attrs.get(SpanAttrs.choice_index)
+        return cls(
+            call_id=_opt_str(attrs.get(SpanAttrs.call_id)),
+            choice_index=index if isinstance(index, int) and not isinstance(index, bool) else 0,
+            api=api if api in ("chat.completions", "responses") else None,
+            stream=bool(attrs.get(SpanAttrs.stream, False)),
+            agent=_opt_str(attrs.get(SpanAttrs.agent_name)),
+            model_version=_opt_str(attrs.get(SpanAttrs.model_version)),
+            request=request if isinstance(request, dict) else {},
+            response=response if isinstance(response, dict) else None,
+            prompt_ids=_int_list(attrs.get(SpanAttrs.prompt_token_ids)),
+            response_ids=_int_list(attrs.get(SpanAttrs.response_token_ids)),
+            logprobs=logprobs,
+            logprobs_valid=raw_lp is None or logprobs is not None,
+            finish_reason=_opt_str(attrs.get(SpanAttrs.finish_reason)),
+            parse_error=_opt_str(attrs.get(SpanAttrs.parse_error)),
+            latency_s=float(latency) if isinstance(latency, (int, float)) and math.isfinite(latency) else None,
+        )
+
+    @classmethod
+    def from_span(cls, span: Any) -> LLMCall:
+        return cls.from_attributes(span.attributes or {})
+
+    # ---- what readers want from the OpenAI bodies (parsed here, nowhere else)
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        messages = self.request.get("messages")
+        return [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+
+    def last_input(self) -> Any:
+        """The content of the last message sent (or the Responses `input`)."""
+        messages = self.messages
+        return messages[-1].get("content") if messages else self.request.get("input")
+
+    def reply(self) -> tuple[Optional[str], list[tuple[Any, Any]]]:
+        """(content, [(tool name, arguments), ...]) of the first choice in the response body."""
+        body = self.response or {}
+        choices = body.get("choices")
+        if isinstance(choices, list) and choices:
+            msg = (choices[0] or {}).get("message") or {}
+            calls = [
+                ((c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments"))
+                for c in msg.get("tool_calls") or []
+                if isinstance(c, dict)
+            ]
+            content = msg.get("content")
+            return (None if content is None else str(content)), calls
+        if "output" in body:  # Responses API
+            text_parts, calls = [], []
+            for item in body.get("output") or []:
+                if not isinstance(item, dict):
+                    continue
+                if item.get("type") == "function_call":
+                    calls.append((item.get("name"), item.get("arguments")))
+                for part in item.get("content") or []:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        text_parts.append(part["text"])
+            text = body.get("output_text") if isinstance(body.get("output_text"), str) else "".join(text_parts)
+            return (text or None), calls
+        return None, []
+
+    def reply_text(self) -> str:
+        """The reply as a person reads it: the content, else the tool calls it made."""
+        content, calls = self.reply()
+        if content:
+            return content
+        return "tool call: " + ", ".join(f"{name}({args})" for name, args in calls) if calls else ""
+
+    def action(self) -> Any:
+        """What the model did (content + tool calls, without their random ids): loop detection compares these."""
+        body = self.response
+        if body is None:
+            return None
+        choices = body.get("choices")
+        if isinstance(choices, list) and choices:
+            actions = []
+            for choice in choices:
+                msg = (choice or {}).get("message") or {}
+                calls = [
+                    ((c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments"))
+                    for c in msg.get("tool_calls") or []
+                ]
+                actions.append((msg.get("content"), calls))
+            return actions
+        if "output" in body:
+            return [
+                {k: v for k, v in item.items() if k not in ("id", "call_id")} if isinstance(item, dict) else item
+                for item in body.get("output") or []
+            ]
+        return body
+
+    def request_key(self) -> Any:
+        """The parts of the request that make two calls the same question."""
+        return {k: self.request.get(k) for k in ("messages", "input", "instructions", "tools") if k in self.request}
