@@ -109,6 +109,8 @@ class EnvVars:
     prompts = "KILN_PROMPTS"
     openai_base_url = "OPENAI_BASE_URL"
     openai_api_key = "OPENAI_API_KEY"
+    otel_traces_endpoint = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    otel_traces_protocol = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
     otel_resource_attributes = "OTEL_RESOURCE_ATTRIBUTES"
     otel_traces_headers = "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
 
@@ -255,7 +257,8 @@ class LLMCall(BaseModel):
         api = attrs.get(SpanAttrs.api)
         latency = attrs.get(SpanAttrs.latency_s)
         index = attrs.get(SpanAttrs.choice_index)
-        return cls(
+        # Every field is converted above to its declared type: skip a second validation pass.
+        return cls.model_construct(
             call_id=_opt_str(attrs.get(SpanAttrs.call_id)),
             choice_index=index if isinstance(index, int) and not isinstance(index, bool) else 0,
             api=api if api in ("chat.completions", "responses") else None,

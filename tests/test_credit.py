@@ -16,7 +16,8 @@ from agentkiln.adapter.credit import (
     step_rewards,
 )
 from agentkiln.adapter.transitions import build_transitions
-from agentkiln.models import Attempt, AttemptStatus, Rollout, Span, SpanAttrs, SpanNames
+from agentkiln.models import Attempt, AttemptStatus, Rollout, Span
+from agentkiln.protocol import SpanAttrs, SpanNames
 
 
 def _llm(seq: int, rid: str = "r1", aid: str = "a1", prompt=(1, 2), resp=(3, 4)) -> Span:

@@ -11,7 +11,7 @@ import pytest
 import agentkiln as kiln
 from agentkiln.adapter.transitions import SkipReason, build_transitions
 from agentkiln.engine.base import ChatRequest
-from agentkiln.models import SpanAttrs, SpanNames
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.runner.identity import current_agent
 from agentkiln.store.memory import InMemoryStore
 from tests.gateway_fakes import ScriptedEngine, ServedApp, gateway_app

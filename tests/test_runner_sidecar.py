@@ -15,9 +15,8 @@ from agentkiln.models import (
     ResourcesIn,
     RolloutConfig,
     RolloutStatus,
-    SpanAttrs,
-    SpanNames,
 )
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.runner.runner import Runner
 from agentkiln.runner.sidecar import CommandAgent
 from agentkiln.runner.worker import WorkerConfig

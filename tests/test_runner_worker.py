@@ -20,12 +20,10 @@ from agentkiln.models import (
     ResourcesIn,
     RolloutConfig,
     RolloutStatus,
-    SpanAttrs,
     SpanIn,
-    SpanNames,
     SpanStatus,
 )
-from agentkiln.runner.emit import MESSAGE_TEXT
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.runner.failures import LoopDetected, ToolError, classify
 from agentkiln.runner.runner import Runner
 from agentkiln.runner.worker import WorkerConfig
@@ -89,7 +87,7 @@ async def test_async_agent_intermediate_rewards_from_nested_function(store):
     dims = [s.attributes.get(SpanAttrs.reward_dims) for s in spans if s.name == SpanNames.reward]
     assert dims[-1] == {"correct": 1.0, "format": -0.25}
     (msg,) = [s for s in spans if s.name == SpanNames.message]
-    assert msg.attributes[MESSAGE_TEXT] == f"done {r.rollout_id} #1"
+    assert msg.attributes[SpanAttrs.message_text] == f"done {r.rollout_id} #1"
     (obj,) = [s for s in spans if s.name == SpanNames.object]
     assert obj.attributes["kiln.object.value"] == {"answer": 4, "steps": [1, 2]}
     assert len({s.trace_id for s in spans}) == 1
@@ -165,7 +163,7 @@ async def test_local_timeout(store, is_async):
     assert (await store.get_rollout(r.rollout_id)).status == RolloutStatus.failed
     if not is_async:
         await asyncio.sleep(1.0)  # let the abandoned threads finish
-        texts = [s.attributes[MESSAGE_TEXT] for s in await spans_of(store, r.rollout_id, name=SpanNames.message)]
+        texts = [s.attributes[SpanAttrs.message_text] for s in await spans_of(store, r.rollout_id, name=SpanNames.message)]
         assert texts == ["working", "working"]
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from agentkiln.adapter.credit import CreditConfig
 from agentkiln.adapter.export import from_dataset, read_jsonl, to_dataset, write_jsonl
 from agentkiln.adapter.transitions import build_batch, build_transitions
-from agentkiln.models import Attempt, AttemptStatus, Rollout, Span, SpanAttrs, SpanNames
+from agentkiln.models import Attempt, AttemptStatus, Rollout, Span
+from agentkiln.protocol import SpanAttrs, SpanNames
 
 
 def llm(seq: int, prompt, resp, *, agent="solver", aid="a2", rid="r1", logprobs=None, finish="stop", **extra) -> Span:

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agentkiln.models import Rollout, Span, SpanAttrs, SpanNames, Transition
+from agentkiln.models import Rollout, Span, Transition
+from agentkiln.protocol import SpanAttrs, SpanNames
 
 CreditMode = Literal["final", "discounted"]
 

@@ -15,7 +15,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from agentkiln.adapter.credit import (
     CreditConfig,
@@ -27,7 +26,8 @@ from agentkiln.adapter.credit import (
     reward_events,
     step_rewards,
 )
-from agentkiln.models import Attempt, AttemptStatus, Rollout, Span, SpanAttrs, SpanNames, Transition
+from agentkiln.models import Attempt, AttemptStatus, Rollout, Span, Transition
+from agentkiln.protocol import LLMCall, SpanNames
 
 log = logging.getLogger(__name__)
 
@@ -92,50 +92,37 @@ def _reason_for_other_attempt(attempt: Attempt | None) -> SkipReason:
     return SkipReason.stale_attempt
 
 
-def _int_list(value: Any) -> list[int] | None:
-    if not isinstance(value, (list, tuple)):
-        return None
-    try:
-        return [int(x) for x in value]
-    except (TypeError, ValueError):
-        return None
-
-
 def _check_call(
     span: Span, agent_re: re.Pattern[str] | None, keep_truncated: bool
 ) -> tuple[_Call | None, SkipReason | None, str]:
-    attrs = span.attributes
-    agent = attrs.get(SpanAttrs.agent_name)
-    if agent_re is not None and (agent is None or agent_re.search(str(agent)) is None):
+    rec = LLMCall.from_span(span)
+    agent = rec.agent
+    if agent_re is not None and (agent is None or agent_re.search(agent) is None):
         return None, SkipReason.agent_not_selected, f"agent {agent!r}"
-    prompt = _int_list(attrs.get(SpanAttrs.prompt_token_ids))
-    response = _int_list(attrs.get(SpanAttrs.response_token_ids))
+    prompt, response, logprobs = rec.prompt_ids, rec.response_ids, rec.logprobs
     if prompt is None or response is None:
         return None, SkipReason.no_token_ids, ""
     if not prompt:
         return None, SkipReason.empty_prompt, ""
     if not response:
         return None, SkipReason.empty_response, ""
-    raw_lp = attrs.get(SpanAttrs.response_logprobs)
-    if raw_lp is None:
-        return None, SkipReason.no_logprobs, ""
-    try:
-        logprobs = [float(x) for x in raw_lp]
-    except (TypeError, ValueError):
+    if not rec.logprobs_valid:
         return None, SkipReason.bad_logprobs, "not numbers"
+    if logprobs is None:
+        return None, SkipReason.no_logprobs, ""
     if len(logprobs) != len(response) or not all(math.isfinite(x) for x in logprobs):
         return None, SkipReason.bad_logprobs, f"{len(logprobs)} logprobs for {len(response)} tokens"
-    if attrs.get(SpanAttrs.finish_reason) == "length" and not keep_truncated:
+    if rec.finish_reason == "length" and not keep_truncated:
         return None, SkipReason.truncated, ""
-    version = attrs.get(SpanAttrs.model_version)
+    version = rec.model_version
     call = _Call(
         sequence_id=span.sequence_id,
-        agent=None if agent is None else str(agent),
+        agent=agent,
         prompt_ids=prompt,
         response_ids=response,
         logprobs=logprobs,
         mask=[1] * len(response),
-        model_version=None if version is None else str(version),
+        model_version=version,
     )
     return call, None, ""
 
@@ -220,7 +207,7 @@ def build_transitions(
             reason = _reason_for_other_attempt(by_id.get(span.attempt_id))
         result.report.append(
             SkippedCall(
-                rollout.rollout_id, span.attempt_id, span.sequence_id, reason, span.attributes.get(SpanAttrs.agent_name)
+                rollout.rollout_id, span.attempt_id, span.sequence_id, reason, LLMCall.from_span(span).agent
             )
         )
     if not usable:
@@ -243,7 +230,7 @@ def build_transitions(
                     span.attempt_id,
                     span.sequence_id,
                     reason,
-                    span.attributes.get(SpanAttrs.agent_name),
+                    LLMCall.from_span(span).agent,
                     detail,
                 )
             )

@@ -19,7 +19,8 @@ from rich.table import Table
 
 from agentkiln.cli.app import app
 from agentkiln.cli.run import DEFAULT_SERVER, importable_cwd
-from agentkiln.models import Attempt, Span, SpanAttrs, SpanNames
+from agentkiln.models import Attempt, Span
+from agentkiln.protocol import LLMCall, SpanAttrs, SpanNames
 
 log = logging.getLogger(__name__)
 
@@ -30,41 +31,29 @@ def _short(value: Any, n: int = 100) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _llm_details(attrs: dict[str, Any]) -> str:
-    request = attrs.get(SpanAttrs.request) or {}
-    response = attrs.get(SpanAttrs.response) or {}
-    messages = request.get("messages") or []
-    last = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else request.get("input")
-    reply: Any = ""
-    choices = response.get("choices") or []
-    if choices:
-        msg = choices[0].get("message") or {}
-        calls = [(c.get("function") or {}).get("name") for c in msg.get("tool_calls") or []]
-        reply = msg.get("content") or (f"tool calls: {', '.join(map(str, calls))}" if calls else "")
-    elif "output" in response:
-        reply = response.get("output")
-    tokens = len(attrs.get(SpanAttrs.response_token_ids) or [])
-    agent = attrs.get(SpanAttrs.agent_name)
-    head = f"[{agent}] " if agent else ""
-    return f"{head}{_short(last, 60)} → {_short(reply, 80)} ({tokens} tok)"
+def _llm_details(span: Span) -> str:
+    call = LLMCall.from_span(span)
+    head = f"[{call.agent}] " if call.agent else ""
+    tokens = len(call.response_ids or [])
+    return f"{head}{_short(call.last_input(), 60)} → {_short(call.reply_text(), 80)} ({tokens} tok)"
 
 
 def span_details(span: Span) -> str:
     a = span.attributes
     if span.name == SpanNames.llm_call:
-        return _llm_details(a)
+        return _llm_details(span)
     if span.name == SpanNames.reward:
         kind = "final" if a.get(SpanAttrs.reward_final) else "intermediate"
         dims = a.get(SpanAttrs.reward_dims)
         return f"{a.get(SpanAttrs.reward_name)}={a.get(SpanAttrs.reward_value)} ({kind})" + (f" {dims}" if dims else "")
     if span.name == SpanNames.message:
-        return _short(a.get("kiln.message.text", ""), 140)
+        return _short(a.get(SpanAttrs.message_text, ""), 140)
     if span.name == SpanNames.object:
-        return _short(a.get("kiln.object.value"), 140)
+        return _short(a.get(SpanAttrs.object_value), 140)
     if span.name == SpanNames.exception:
         return f"{a.get(SpanAttrs.failure_kind)}: {a.get(SpanAttrs.exception_type)}: {_short(a.get(SpanAttrs.exception_message, ''), 100)}"
     if span.name == SpanNames.tool:
-        return f"{a.get('kiln.tool.name')}({_short(a.get('kiln.tool.arguments'), 80)})"
+        return f"{a.get(SpanAttrs.tool_name)}({_short(a.get(SpanAttrs.tool_arguments), 80)})"
     return _short({k: v for k, v in a.items() if not k.startswith("otel.")}, 140)
 
 

@@ -18,13 +18,13 @@ import functools
 import importlib
 import inspect
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agentkiln.models import Attempt, LLMEndpoint, PromptTemplate, Resources, Rollout
+from agentkiln.protocol import validate_agent_name, with_agent
 from agentkiln.runner import identity
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,6 @@ INJECTABLE = ("task", "llm", "llms", "prompts", "resources", "rollout", "attempt
 PLACEHOLDER_API_KEY = "kiln"  # OpenAI clients refuse an empty key; the gateway checks its own
 
 
-# A kiln per-attempt gateway URL, optionally already naming an agent: group 1 is the attempt root.
-_ATTEMPT_URL_RE = re.compile(r"^(.*/rollout/[^/]+/attempt/[^/]+)(?:/agent/[^/]+)?/v1/?$")
 
 
 @dataclass
@@ -70,12 +68,8 @@ class LLMHandle:
         any client given this base_url is attributed, whatever framework built it. Other URLs (an
         upstream endpoint in dev) keep their base_url; the handle's own clients then send X-Kiln-Agent.
         """
-        identity.validate_agent_name(agent)
-        base_url = self.base_url
-        match = _ATTEMPT_URL_RE.match(base_url or "")
-        if match:
-            base_url = f"{match.group(1)}/agent/{agent}/v1"
-        return replace(self, base_url=base_url, agent=agent, sampling=dict(self.sampling))
+        validate_agent_name(agent)
+        return replace(self, base_url=with_agent(self.base_url, agent), agent=agent, sampling=dict(self.sampling))
 
     def http_client(self, **kwargs: Any) -> Any:
         """An httpx client for `openai.OpenAI(http_client=...)` / LangChain's `http_client` that sends X-Kiln-Agent.

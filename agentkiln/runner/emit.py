@@ -19,15 +19,12 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Union
 
-from agentkiln.models import FailureKind, SpanAttrs, SpanIn, SpanNames, SpanStatus
+from agentkiln.models import FailureKind, SpanIn, SpanStatus
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.runner import context
 from agentkiln.runner.failures import MAX_MESSAGE_CHARS, classify, exception_type_name, format_stack
 
 logger = logging.getLogger(__name__)
-
-MESSAGE_TEXT = "kiln.message.text"
-OBJECT_VALUE = "kiln.object.value"
-OBJECT_TYPE = "kiln.object.type"
 
 RewardValue = Union[float, int, Mapping[str, float]]
 
@@ -173,7 +170,7 @@ def emit_message(text: str) -> SpanIn | None:
     ctx = _ctx_or_warn("emit_message")
     if ctx is None:
         return None
-    span = _span(ctx, SpanNames.message, {MESSAGE_TEXT: str(text)})
+    span = _span(ctx, SpanNames.message, {SpanAttrs.message_text: str(text)})
     _add(ctx, span, urgent=False)
     return span
 
@@ -183,7 +180,7 @@ def emit_object(obj: Any) -> SpanIn | None:
     ctx = _ctx_or_warn("emit_object")
     if ctx is None:
         return None
-    span = _span(ctx, SpanNames.object, {OBJECT_VALUE: to_jsonable(obj), OBJECT_TYPE: type(obj).__name__})
+    span = _span(ctx, SpanNames.object, {SpanAttrs.object_value: to_jsonable(obj), SpanAttrs.object_type: type(obj).__name__})
     _add(ctx, span, urgent=False)
     return span
 

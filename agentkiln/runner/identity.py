@@ -17,29 +17,14 @@ The variable follows asyncio tasks and `contextvars.copy_context()` like any Con
 from __future__ import annotations
 
 import contextvars
-import re
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from agentkiln.models import AGENT_NAME_PATTERN
-
-AGENT_HEADER = "X-Kiln-Agent"
-_AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
+from agentkiln.protocol import Headers, validate_agent_name
 
 _current_agent: contextvars.ContextVar[str | None] = contextvars.ContextVar("kiln_agent", default=None)
-
-
-def is_valid_agent_name(name: object) -> bool:
-    """1-128 characters of [A-Za-z0-9_.-]: safe in a URL path segment, a header and a regex match."""
-    return isinstance(name, str) and _AGENT_NAME_RE.fullmatch(name) is not None
-
-
-def validate_agent_name(name: str) -> str:
-    if not is_valid_agent_name(name):
-        raise ValueError(f"agent name must be 1-128 characters of A-Z a-z 0-9 _ . -, got {name!r}")
-    return name
 
 
 def current_agent() -> str | None:
@@ -79,8 +64,8 @@ class agent:  # lower case: used as `with kiln.agent("writer"):`, like a functio
 
 def _stamp(request: httpx.Request, fixed: str | None) -> None:
     name = fixed or _current_agent.get()
-    if name and AGENT_HEADER not in request.headers:
-        request.headers[AGENT_HEADER] = name
+    if name and Headers.agent not in request.headers:
+        request.headers[Headers.agent] = name
 
 
 def sync_agent_hook(fixed: str | None = None) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agentkiln.models import FailureKind
+from agentkiln.protocol import OTLP_TRACES_PATH, EnvVars, SpanAttrs, SpanNames
 from agentkiln.runner import emit
 from agentkiln.runner.agent import BaseAgent, Invocation
 from agentkiln.runner.failures import KilnFailure
@@ -52,29 +53,31 @@ def sidecar_env(inv: Invocation) -> dict[str, str]:
     rid, aid = inv.rollout.rollout_id, inv.attempt.attempt_id
     task_json = json.dumps(emit.to_jsonable(inv.task))
     env = {
-        "KILN_ROLLOUT_ID": rid,
-        "KILN_ATTEMPT_ID": aid,
-        "KILN_ATTEMPT_NUMBER": str(inv.attempt.sequence_id),
+        EnvVars.rollout_id: rid,
+        EnvVars.attempt_id: aid,
+        EnvVars.attempt_number: str(inv.attempt.sequence_id),
     }
     if len(task_json.encode()) <= MAX_ENV_TASK_BYTES:
-        env["KILN_TASK"] = task_json
+        env[EnvVars.task] = task_json
     if inv.llm is not None:
         if inv.llm.base_url:
-            env["OPENAI_BASE_URL"] = inv.llm.base_url
-        env["OPENAI_API_KEY"] = inv.llm.api_key
-        env["KILN_MODEL"] = inv.llm.model
+            env[EnvVars.openai_base_url] = inv.llm.base_url
+        env[EnvVars.openai_api_key] = inv.llm.api_key
+        env[EnvVars.model] = inv.llm.model
         if inv.llm.sampling:
-            env["KILN_SAMPLING"] = json.dumps(inv.llm.sampling)
+            env[EnvVars.sampling] = json.dumps(inv.llm.sampling)
     if inv.prompts:
-        env["KILN_PROMPTS"] = json.dumps({k: v.template for k, v in inv.prompts.items()})
+        env[EnvVars.prompts] = json.dumps({k: v.template for k, v in inv.prompts.items()})
     if inv.server_url:
-        env["KILN_SERVER_URL"] = inv.server_url
-        env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = f"{inv.server_url}/v1/traces"
-        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
-        env["OTEL_RESOURCE_ATTRIBUTES"] = f"kiln.rollout_id={quote(rid)},kiln.attempt_id={quote(aid)}"
+        env[EnvVars.server_url] = inv.server_url
+        env[EnvVars.otel_traces_endpoint] = inv.server_url.rstrip("/") + OTLP_TRACES_PATH
+        env[EnvVars.otel_traces_protocol] = "http/protobuf"
+        env[EnvVars.otel_resource_attributes] = (
+            f"{SpanAttrs.rollout_id}={quote(rid)},{SpanAttrs.attempt_id}={quote(aid)}"
+        )
     if inv.api_key:
-        env["KILN_API_KEY"] = inv.api_key
-        env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = f"Authorization=Bearer%20{quote(inv.api_key)}"
+        env[EnvVars.api_key] = inv.api_key
+        env[EnvVars.otel_traces_headers] = f"Authorization=Bearer%20{quote(inv.api_key)}"
     return env
 
 
@@ -164,13 +167,13 @@ class CommandAgent(BaseAgent):
             raise
         out_tail = "\n".join(stdout_tail)[-TAIL_CHARS:]
         err_tail = "\n".join(stderr_tail)[-TAIL_CHARS:]
-        emit.emit_span(
-            "kiln.sidecar",
-            {"kiln.sidecar.command": self.name, "kiln.sidecar.exit_code": code, "kiln.sidecar.stdout_tail": out_tail,
-             "kiln.sidecar.stderr_tail": err_tail},
-            start_time=started,
-            error=code != 0,
-        )  # fmt: skip
+        attrs = {
+            SpanAttrs.sidecar_command: self.name,
+            SpanAttrs.sidecar_exit_code: code,
+            SpanAttrs.sidecar_stdout_tail: out_tail,
+            SpanAttrs.sidecar_stderr_tail: err_tail,
+        }
+        emit.emit_span(SpanNames.sidecar, attrs, start_time=started, error=code != 0)
         if code != 0:
             kind = FailureKind.agent_exception
             if failure_kind:

@@ -16,12 +16,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
+from agentkiln.protocol import OTLP_TRACES_PATH, SpanAttrs
 from agentkiln.runner import context
 
 logger = logging.getLogger(__name__)
 
-ROLLOUT_ATTR = "kiln.rollout_id"
-ATTEMPT_ATTR = "kiln.attempt_id"
 
 
 class KilnSpanProcessor(SpanProcessor):
@@ -31,8 +30,8 @@ class KilnSpanProcessor(SpanProcessor):
         ctx = context.current()
         if ctx is None:
             return
-        span.set_attribute(ROLLOUT_ATTR, ctx.rollout_id)
-        span.set_attribute(ATTEMPT_ATTR, ctx.attempt_id)
+        span.set_attribute(SpanAttrs.rollout_id, ctx.rollout_id)
+        span.set_attribute(SpanAttrs.attempt_id, ctx.attempt_id)
 
     def on_end(self, span: ReadableSpan) -> None:
         return None
@@ -47,7 +46,7 @@ class _OnlyKilnSpans(SpanExporter):
     def export(self, spans: Any) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
-        keep = [s for s in spans if (s.attributes or {}).get(ROLLOUT_ATTR)]
+        keep = [s for s in spans if (s.attributes or {}).get(SpanAttrs.rollout_id)]
         return self.inner.export(keep) if keep else SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -61,7 +60,7 @@ def otlp_exporter(server_url: str, api_key: str | None = None) -> SpanExporter:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    return OTLPSpanExporter(endpoint=f"{server_url.rstrip('/')}/v1/traces", headers=headers)
+    return OTLPSpanExporter(endpoint=server_url.rstrip("/") + OTLP_TRACES_PATH, headers=headers)
 
 
 def setup_tracing(
@@ -97,4 +96,4 @@ def setup_tracing(
 
 def attempt_resource_attributes(rollout_id: str, attempt_id: str) -> dict[str, str]:
     """Resource attributes tying a whole process's spans to one attempt (one process per attempt)."""
-    return {ROLLOUT_ATTR: rollout_id, ATTEMPT_ATTR: attempt_id}
+    return {SpanAttrs.rollout_id: rollout_id, SpanAttrs.attempt_id: attempt_id}

@@ -28,14 +28,14 @@ from agentkiln.models import (
     AttemptStatus,
     FailureKind,
     Resources,
-    SpanAttrs,
     SpanIn,
-    SpanNames,
     WorkerStatus,
 )
+from agentkiln.protocol import SpanAttrs, SpanNames, attempt_base_url
 from agentkiln.runner import context, emit
 from agentkiln.runner.agent import BaseAgent, Invocation, LLMHandle
-from agentkiln.runner.failures import LoopDetected, LoopGuard, attempt_error
+from agentkiln.runner.failures import LoopDetected, attempt_error
+from agentkiln.runner.loop_guard import LoopGuard
 from agentkiln.store.base import NotFoundError, Store, StoreError
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class RolloutWorker:
         rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
         base_url = None
         if self.config.gateway_url:
-            base_url = f"{self.config.gateway_url.rstrip('/')}/rollout/{rid}/attempt/{aid}/v1"
+            base_url = attempt_base_url(self.config.gateway_url, rid, aid)
         llms: dict[str, LLMHandle] = {}
         if resources is not None:
             for name, endpoint in resources.llms.items():
@@ -336,7 +336,7 @@ class RolloutWorker:
             type(value).__name__,
         )
         ctx.buffer.add(
-            emit._span(ctx, SpanNames.object, {emit.OBJECT_VALUE: emit.to_jsonable(value), emit.OBJECT_TYPE: "return"})
+            emit._span(ctx, SpanNames.object, {SpanAttrs.object_value: emit.to_jsonable(value), SpanAttrs.object_type: "return"})
         )
         return None
 

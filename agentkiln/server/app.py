@@ -14,6 +14,8 @@ from typing import Any, AsyncIterator, Iterable
 from fastapi import FastAPI
 
 from agentkiln.gateway.routes import install_gateway
+from agentkiln.engine.weight_sync import ModelSync
+from agentkiln.server.engine_routes import build_engine_status_router
 from agentkiln.server.errors import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -21,7 +23,6 @@ from agentkiln.server.errors import (
     install_error_handlers,
 )
 from agentkiln.server.idempotency import IdempotencyMiddleware, RecentSpans
-from agentkiln.server.model_sync import ModelSync, build_engine_status_router
 from agentkiln.server.otlp import build_otlp_router
 from agentkiln.server.store_routes import router as store_router
 from agentkiln.store.base import Store

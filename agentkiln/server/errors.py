@@ -19,7 +19,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agentkiln.protocol import Headers
 from agentkiln.store.base import StoreError
+
+_API_KEY_HEADER = Headers.api_key.encode()
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +176,7 @@ class ApiKeyMiddleware:
 
     def _presented(self, scope: Scope) -> bytes | None:
         for name, value in scope.get("headers", ()):
-            if name == b"x-api-key":
+            if name == _API_KEY_HEADER:
                 return value.strip()
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")

@@ -21,11 +21,12 @@ from typing import Sequence
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentkiln.models import Span, SpanIn
+from agentkiln.protocol import Headers
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
 
-HEADER = b"idempotency-key"
+HEADER = Headers.idempotency_key.encode()
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MAX_CACHED_BODY = 4_000_000
 

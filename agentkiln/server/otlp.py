@@ -31,14 +31,11 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agentkiln.models import MAX_NAME_LENGTH, SpanEvent, SpanIn, SpanStatus, now
+from agentkiln.protocol import Headers, SpanAttrs
 from agentkiln.store.base import NotFoundError, Store
 
 logger = logging.getLogger(__name__)
 
-ROLLOUT_ATTR = "kiln.rollout_id"
-ATTEMPT_ATTR = "kiln.attempt_id"
-ROLLOUT_HEADER = "x-kiln-rollout-id"
-ATTEMPT_HEADER = "x-kiln-attempt-id"
 MAX_BODY_BYTES = 16_000_000
 MAX_SPANS_PER_REQUEST = 10_000
 
@@ -207,8 +204,8 @@ def build_otlp_router(get_store: GetStore | None = None, *, max_body_bytes: int 
         if inspect.isawaitable(store):
             store = await store
         header_ids = {
-            ROLLOUT_ATTR: request.headers.get(ROLLOUT_HEADER),
-            ATTEMPT_ATTR: request.headers.get(ATTEMPT_HEADER),
+            SpanAttrs.rollout_id: request.headers.get(Headers.rollout_id),
+            SpanAttrs.attempt_id: request.headers.get(Headers.attempt_id),
         }
 
         pending: list[tuple[trace_pb2.Span, str, str | None, dict[str, Any], str]] = []
@@ -217,13 +214,13 @@ def build_otlp_router(get_store: GetStore | None = None, *, max_body_bytes: int 
             for ss in rs.scope_spans:
                 for span in ss.spans:
                     span_attrs = attributes(span.attributes)
-                    rid = _id((span_attrs, ROLLOUT_ATTR), (resource, ROLLOUT_ATTR), (header_ids, ROLLOUT_ATTR))
-                    aid = _id((span_attrs, ATTEMPT_ATTR), (resource, ATTEMPT_ATTR), (header_ids, ATTEMPT_ATTR))
+                    rid = _id((span_attrs, SpanAttrs.rollout_id), (resource, SpanAttrs.rollout_id), (header_ids, SpanAttrs.rollout_id))
+                    aid = _id((span_attrs, SpanAttrs.attempt_id), (resource, SpanAttrs.attempt_id), (header_ids, SpanAttrs.attempt_id))
                     if rid is None:
                         raise HTTPException(
                             400,
                             f"span {span.name!r} names no rollout: set the resource or span attribute "
-                            f"{ROLLOUT_ATTR!r} (and {ATTEMPT_ATTR!r}) or the X-Kiln-Rollout-Id header",
+                            f"{SpanAttrs.rollout_id!r} (and {SpanAttrs.attempt_id!r}) or the X-Kiln-Rollout-Id header",
                         )
                     pending.append((span, rid, aid, resource, ss.scope.name))
         if len(pending) > MAX_SPANS_PER_REQUEST:

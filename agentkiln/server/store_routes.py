@@ -28,9 +28,9 @@ from agentkiln.models import (
     Worker,
     WorkerStatus,
 )
+from agentkiln.protocol import API_PREFIX
 from agentkiln.store.base import Store, ValidationError
 
-API_PREFIX = "/api/v1"
 # A long poll holds a connection and a server task; clients loop for longer waits.
 MAX_WAIT_S = 30.0
 MAX_BATCH = 10_000

@@ -38,6 +38,7 @@ from agentkiln.models import (
     Worker,
     WorkerStatus,
 )
+from agentkiln.protocol import API_PREFIX, Headers
 from agentkiln.store.base import InvalidTransitionError, NotFoundError, Store, StoreError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class HttpStore(Store):
         params: Any = None,
         timeout: float | None = None,
     ) -> Any:
-        headers = {"Idempotency-Key": uuid.uuid4().hex} if method != "GET" else {}
+        headers = {Headers.idempotency_key: uuid.uuid4().hex} if method != "GET" else {}
         content = None
         if json is not None:
             try:
@@ -140,7 +141,7 @@ class HttpStore(Store):
                 await asyncio.sleep(delay)
             try:
                 response = await self._client.request(
-                    method, "/api/v1" + path, content=content, params=params, headers=headers, timeout=request_timeout
+                    method, API_PREFIX + path, content=content, params=params, headers=headers, timeout=request_timeout
                 )
             except _RETRYABLE as exc:
                 last = f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,4 @@
-"""Keeps the embedded engine serving the weights named by the latest published resources.
+"""Keeps an engine serving the weights named by the latest published resources.
 
 The trainer never talks to the engine: it publishes a resources version whose main LLM
 names an adapter folder (and, for per-agent training, endpoints with `agent` set naming each
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional
+from typing import Optional
 
-from fastapi import APIRouter, Request
-
+from agentkiln.engine.base import Engine
 from agentkiln.models import Resources
 from agentkiln.store.base import Store
 
@@ -42,7 +41,7 @@ class ModelSync:
     a version that retrains one agent leaves the others' weights and versions as they were.
     """
 
-    def __init__(self, store: Store, engine: Any, interval_s: float = 0.25) -> None:
+    def __init__(self, store: Store, engine: Engine, interval_s: float = 0.25) -> None:
         self.store = store
         self.engine = engine
         self.interval_s = interval_s
@@ -104,27 +103,3 @@ class ModelSync:
                     log.exception("could not load published weights")
                 self.last_error = str(exc)
             await asyncio.sleep(self.interval_s)
-
-
-def build_engine_status_router() -> APIRouter:
-    router = APIRouter()
-
-    @router.get("/api/v1/engine")
-    async def engine_status(request: Request) -> dict[str, Any]:
-        """Which weights the gateway serves now (trainers wait on this after publishing).
-
-        `agent_versions` lists the agents served their own weights; every other agent gets `model_version`.
-        """
-        engine = request.app.state.engine
-        sync: Optional[ModelSync] = getattr(request.app.state, "model_sync", None)
-        return {
-            "engine": type(engine).__name__ if engine is not None else None,
-            "model": getattr(engine, "model_name", None),
-            "model_version": engine.model_version if engine is not None else None,
-            "agent_versions": dict(getattr(engine, "agent_versions", None) or {}),
-            "loaded_resources_id": sync.loaded_resources_id if sync else None,
-            "loaded_agents": dict(sync.loaded_agents) if sync else {},
-            "last_error": sync.last_error if sync else None,
-        }
-
-    return router
