@@ -10,7 +10,7 @@ import pytest
 
 from agentkiln.models import SpanIn
 from agentkiln.store import NotFoundError, SqliteStore
-from agentkiln.store import sqlite as sqlite_mod
+from agentkiln.store import sqlite_connections as sqlite_mod
 from agentkiln.store.sqlite_worker import DbThread
 
 

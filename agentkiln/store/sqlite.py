@@ -1,14 +1,9 @@
 """Durable default store: one SQLite file in WAL mode, safe to share between processes.
 
-All database work of one SqliteStore runs on one dedicated thread owning one connection
-(`sqlite_worker`), which batches concurrent requests into group-commit transactions; a call
-returns only after its transaction committed (WAL + synchronous=NORMAL survives a killed
-process). Point reads the gateway makes on every call (get_rollout, query_attempts,
-get_latest_attempt) run right on the caller's thread with a second, read-only connection: a
-WAL reader never waits for writers, and the hop to the database thread and back costs more
-than the query. Anything else, and those reads when SQLite answers busy, go through the
-thread. This module holds the Store methods; the schema, row conversion and shared
-statements live in `sqlite_schema`, `sqlite_rows` and `sqlite_queries`. Lifecycle rules come
+How work reaches the file (database thread with group commit, or the caller's own connection for
+small reads and lone writes) is `sqlite_connections`. This module holds the Store methods; the
+schema, row conversion and shared statements live in `sqlite_schema`, `sqlite_rows` and
+`sqlite_queries`. Lifecycle rules come
 from `lifecycle`, shared with the memory store.
 """
 
@@ -17,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import threading
 import time
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,24 +39,23 @@ from agentkiln.models import (
 )
 from agentkiln.store import lifecycle
 from agentkiln.store import sqlite_queries as q
-from agentkiln.store.base import NotFoundError, Store, StoreError
+from agentkiln.store.base import NotFoundError, Store
+from agentkiln.store.sqlite_connections import SqliteConnections
 from agentkiln.store.sqlite_rows import (
     A_COLS,
     R_COLS,
     RES_COLS,
     S_COLS,
-    S_INSERT_COLS,
     W_COLS,
     attempt_from_row,
     dumps,
     resources_from_row,
     rollout_from_row,
     span_from_row,
-    span_values,
     worker_from_row,
 )
 from agentkiln.store.sqlite_schema import SCHEMA_VERSION
-from agentkiln.store.sqlite_worker import DbThread, Request, deliver
+from agentkiln.store.sqlite_worker import deliver
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -72,111 +64,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_S = 0.25  # wait_for_rollouts re-reads the file this often (other processes may finish rollouts)
-READ_BUSY_S = 0.05  # a direct read that finds the file busy this long goes through the database thread
 DIRECT_WRITE_MAX_SPANS = 16  # larger span batches always join the group commit
-CHECKPOINT_EVERY = 200  # direct commits between WAL checkpoints (about 1 MB of WAL for LLM spans)
-_BUSY = object()
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteConnections, Store):
     """Store in one SQLite file; several SqliteStores (processes) may share the file."""
 
     def __init__(self, path: str | Path, *, sweep_interval_s: float | None = 1.0) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = DbThread(self.path)
-        # A store dropped without close() still releases its thread and connection.
-        self._finalizer = weakref.finalize(self, self._db.request_stop)
-        self._closed = False
+        super().__init__(path)
         self._waiters: set[asyncio.Future] = set()
         self._sweep_interval_s = sweep_interval_s
         self._last_sweep = time.monotonic()
-        # "read" / "write" -> (connection, the thread that opened it) for work done on the caller's thread.
-        self._direct: dict[str, tuple[sqlite3.Connection, int]] = {}
-        self._direct_commits = 0
-
-    def _direct_connection(self, kind: str) -> sqlite3.Connection | None:
-        """This thread's own connection of `kind`, opened on first use; None where none can serve.
-
-        One thread per connection: callers on other threads (and in-memory files, which only the
-        database thread's connection sees) go through the database thread.
-        """
-        if self.path == ":memory:" or self._closed:
-            return None
-        owned = self._direct.get(kind)
-        if owned is not None:
-            return owned[0] if owned[1] == threading.get_ident() else None
-        if kind == "read":
-            conn = sqlite3.connect(self.path, timeout=READ_BUSY_S, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA query_only = ON")
-        else:  # never waits for the lock; never checkpoints (the database thread does)
-            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA wal_autocheckpoint=0")
-        self._direct[kind] = (conn, threading.get_ident())
-        return conn
-
-    def _read_direct(self, fn: Callable[[sqlite3.Connection], T]) -> T | object:
-        """Run a small read in one read transaction on this thread; _BUSY if it cannot (then use _call)."""
-        conn = self._direct_connection("read")
-        if conn is None:
-            return _BUSY
-        try:
-            conn.execute("BEGIN")
-        except sqlite3.OperationalError:
-            return _BUSY
-        try:
-            return fn(conn)
-        except sqlite3.OperationalError:
-            return _BUSY
-        finally:
-            conn.execute("COMMIT")
-
-    def _write_direct(self, fn: Callable[[sqlite3.Connection], T]) -> T | object:
-        """Run a small write in its own transaction on this thread; _BUSY if the file is locked (then use _call).
-
-        A lone LLM span (the gateway's hot path) then costs one commit and no round trip to the
-        database thread. The lock is tried, never waited for: whenever the database thread or
-        another process is writing, the caller joins the group commit as before. This
-        connection never checkpoints; the database thread does, every CHECKPOINT_EVERY direct commits.
-        """
-        conn = self._direct_connection("write")
-        if conn is None:
-            return _BUSY
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
-            return _BUSY
-        try:
-            value = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):
-                return _BUSY  # e.g. locked at COMMIT: nothing was stored, the database thread retries
-            raise
-        self._direct_commits += 1
-        if self._direct_commits % CHECKPOINT_EVERY == 0:
-            self._db.request_checkpoint()
-        return value
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        value = self._write_direct(fn)
-        return await self._call(fn) if value is _BUSY else value  # type: ignore[return-value]
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        value = self._read_direct(fn)
-        return await self._call(fn, write=False) if value is _BUSY else value  # type: ignore[return-value]
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
-        if self._closed:
-            raise StoreError("store is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-        self._db.submit(Request(fn, write, loop, future))
-        return await future
 
     def _notify_finished(self) -> None:
         """Wake this process's wait_for_rollouts callers (other processes are seen by polling)."""
@@ -192,14 +90,7 @@ class SqliteStore(Store):
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        self._finalizer.detach()
-        for conn, _ in self._direct.values():
-            conn.close()
-        self._direct.clear()
-        await asyncio.to_thread(self._db.stop)
-
-    # ------------------------------------------------------------------ rollouts
+        await self._close_connections()
 
     async def enqueue_rollout(
         self,
@@ -409,44 +300,7 @@ class SqliteStore(Store):
             attributes_json.append(text)
 
         def op(conn: sqlite3.Connection) -> list[Span]:
-            owners: dict[tuple[str, str], tuple[Rollout | None, Attempt, int]] = {}
-            wanted: dict[tuple[str, str], list[str]] = {}
-            for rec in records:  # validate the whole batch before storing any of it
-                key = (rec["rollout_id"], rec["attempt_id"])
-                if key not in owners:
-                    attempt = q.get_attempt(conn, *key)  # it exists only if its rollout does
-                    # The rollout matters only to revive an unresponsive attempt (see record_activity).
-                    rollout = q.get_rollout(conn, key[0]) if attempt.status == AttemptStatus.unresponsive else None
-                    last = conn.execute(
-                        "SELECT COALESCE(MAX(sequence_id), 0) FROM spans WHERE rollout_id = ? AND attempt_id = ?", key
-                    ).fetchone()[0]
-                    owners[key] = (rollout, attempt, last)
-                wanted.setdefault(key, []).append(rec["span_id"])
-            known = {
-                (*key, span_id): span
-                for key, span_ids in wanted.items()
-                for span_id, span in q.stored_spans(conn, *key, span_ids).items()
-            }
-            out, rows = [], []
-            for rec, text in zip(records, attributes_json):
-                span_key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
-                span = known.get(span_key)
-                if span is not None:  # re-sent, or repeated in this batch
-                    out.append(span.model_copy(deep=True))
-                    continue
-                rollout, attempt, last = owners[span_key[:2]]
-                owners[span_key[:2]] = (rollout, attempt, last + 1)
-                span = known[span_key] = Span.model_validate({**rec, "sequence_id": last + 1})
-                out.append(span)
-                rows.append(span_values(rec, attempt.sequence_id, last + 1, text))
-            if len(rows) < len(records):
-                log.info("ignoring %d re-sent span(s)", len(records) - len(rows))
-            conn.executemany(f"INSERT INTO spans ({S_INSERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-            now = wall_now()
-            for rollout, attempt, _ in owners.values():
-                is_latest = rollout is not None and attempt.sequence_id == rollout.num_attempts
-                q.apply(conn, lifecycle.record_activity(rollout, attempt, is_latest, now))
-            return out
+            return q.insert_spans(conn, records, attributes_json)
 
         return await self._write(op) if len(records) <= DIRECT_WRITE_MAX_SPANS else await self._call(op)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
-from agentkiln.models import Attempt, AttemptedRollout, Rollout, Span
+from agentkiln.models import Attempt, AttemptedRollout, AttemptStatus, Rollout, Span
 from agentkiln.models import now as wall_now
 from agentkiln.store import lifecycle
 from agentkiln.store.base import NotFoundError
@@ -13,13 +15,17 @@ from agentkiln.store.sqlite_rows import (
     A_COLS,
     R_COLS,
     S_COLS,
+    S_INSERT_COLS,
     attempt_from_row,
     attempt_values,
     dumps,
     rollout_from_row,
     rollout_values,
     span_from_row,
+    span_values,
 )
+
+log = logging.getLogger(__name__)
 
 WAITING = "status IN ('queuing', 'requeuing')"
 # INDEXED BY: without statistics the planner prefers rollouts_status plus a sort of every waiting row.
@@ -121,3 +127,49 @@ def stored_spans(
         if span.span_id not in found or span.sequence_id < found[span.span_id].sequence_id:
             found[span.span_id] = span
     return found
+
+
+def insert_spans(conn: sqlite3.Connection, records: list[dict[str, Any]], attributes_json: list[str]) -> list[Span]:
+    """Store a validated batch of span records in one transaction; spans already stored come back as stored.
+
+    Every owner attempt is checked before anything is written, sequence numbers continue each
+    attempt's, and each attempt's activity (heartbeat, revival) is recorded once.
+    """
+    owners: dict[tuple[str, str], tuple[Rollout | None, Attempt, int]] = {}
+    wanted: dict[tuple[str, str], list[str]] = {}
+    for rec in records:  # validate the whole batch before storing any of it
+        key = (rec["rollout_id"], rec["attempt_id"])
+        if key not in owners:
+            attempt = get_attempt(conn, *key)  # it exists only if its rollout does
+            # The rollout matters only to revive an unresponsive attempt (see record_activity).
+            rollout = get_rollout(conn, key[0]) if attempt.status == AttemptStatus.unresponsive else None
+            last = conn.execute(
+                "SELECT COALESCE(MAX(sequence_id), 0) FROM spans WHERE rollout_id = ? AND attempt_id = ?", key
+            ).fetchone()[0]
+            owners[key] = (rollout, attempt, last)
+        wanted.setdefault(key, []).append(rec["span_id"])
+    known = {
+        (*key, span_id): span
+        for key, span_ids in wanted.items()
+        for span_id, span in stored_spans(conn, *key, span_ids).items()
+    }
+    out, rows = [], []
+    for rec, text in zip(records, attributes_json):
+        span_key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
+        span = known.get(span_key)
+        if span is not None:  # re-sent, or repeated in this batch
+            out.append(span.model_copy(deep=True))
+            continue
+        rollout, attempt, last = owners[span_key[:2]]
+        owners[span_key[:2]] = (rollout, attempt, last + 1)
+        span = known[span_key] = Span.model_validate({**rec, "sequence_id": last + 1})
+        out.append(span)
+        rows.append(span_values(rec, attempt.sequence_id, last + 1, text))
+    if len(rows) < len(records):
+        log.info("ignoring %d re-sent span(s)", len(records) - len(rows))
+    conn.executemany(f"INSERT INTO spans ({S_INSERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    now = wall_now()
+    for rollout, attempt, _ in owners.values():
+        is_latest = rollout is not None and attempt.sequence_id == rollout.num_attempts
+        apply(conn, lifecycle.record_activity(rollout, attempt, is_latest, now))
+    return out
