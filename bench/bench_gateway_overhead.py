@@ -10,7 +10,10 @@ HTTP client, streaming and not, to the mock directly and through each proxy. Tar
 turns in short batches so background load hits all alike. "added" = percentile through the
 proxy minus the same percentile direct.
 
-Run: .venv/bin/python bench/bench_gateway_overhead.py [--requests 1000] [--skip-agl]
+`--compare-git REV` adds the same two servers as committed at git revision REV (unpacked to a
+temporary folder and run with it first on PYTHONPATH), so before/after come from one run.
+
+Run: .venv/bin/python bench/bench_gateway_overhead.py [--requests 1000] [--skip-agl] [--compare-git REV]
 """
 
 from __future__ import annotations
@@ -75,10 +78,31 @@ async def measure(targets: dict[str, tuple[str, str]], requests: int, stream: bo
     return lat
 
 
+def tree_at(rev: str) -> Path:
+    """The repository as committed at `rev`, unpacked into a temporary folder."""
+    root = HERE.parent
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-rev-"))
+    archive = subprocess.run(["git", "archive", rev], cwd=root, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    return tmp
+
+
+def _start_server(tree: Path, store_url: str, mock_url: str, procs: list) -> str:
+    port = free_port()
+    cmd = [sys.executable, str(tree / "bench" / "bench_store_throughput.py"), "--serve", store_url, "--port", str(port),
+           "--mock-url", mock_url]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+    procs.append(subprocess.Popen(cmd, start_new_session=True, env=env, cwd=tree))
+    base = f"http://127.0.0.1:{port}"
+    _wait_http(base + "/health")
+    return base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1000, help="per target and mode")
     ap.add_argument("--skip-agl", action="store_true")
+    ap.add_argument("--compare-git", metavar="REV", help="also run the servers as committed at this revision")
     args = ap.parse_args()
     use_agl = not args.skip_agl and AGL_PY.exists()
     mock, mock_url = start_mock()
@@ -86,14 +110,13 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="kiln-bench-")
     try:
         targets: dict[str, tuple[str, str]] = {"direct": (mock_url.rsplit("/v1", 1)[0], "/v1/chat/completions")}
-        for name, store_url in (("ours-sqlite", os.path.join(tmp, "gw.db")), ("ours-memory", "memory")):
-            port = free_port()
-            cmd = [sys.executable, str(HERE / "bench_store_throughput.py"), "--serve", store_url, "--port", str(port),
-                   "--mock-url", mock_url]  # fmt: skip
-            procs.append(subprocess.Popen(cmd, start_new_session=True))
-            base = f"http://127.0.0.1:{port}"
-            _wait_http(base + "/health")
-            targets[name] = (base, asyncio.run(_start_ours(base)))
+        trees = [("ours", HERE.parent)]
+        if args.compare_git:
+            trees.append((f"at-{args.compare_git[:10]}", tree_at(args.compare_git)))
+        for label, tree in trees:
+            for kind, store_url in (("sqlite", os.path.join(tmp, f"{label}.db")), ("memory", "memory")):
+                base = _start_server(tree, store_url, mock_url, procs)
+                targets[f"{label}-{kind}"] = (base, asyncio.run(_start_ours(base)))
         if use_agl:
             sport, pport = free_port(), free_port()
             cmd = [str(AGL_PY), str(HERE / "agl_store_throughput.py"), "--serve", "--mock-url", mock_url,
@@ -123,7 +146,12 @@ def main() -> None:
                     continue
                 a50, a99 = _pct(xs, 0.5) - d50, _pct(xs, 0.99) - d99
                 added[name] = (a50, a99)
-                print(f"  {name:15s} added p50 {1000 * a50:8.3f} ms   added p99 {1000 * a99:8.3f} ms")
+                print(f"  {name:22s} added p50 {1000 * a50:8.3f} ms   added p99 {1000 * a99:8.3f} ms")
+            if args.compare_git:
+                for kind in ("sqlite", "memory"):
+                    old, new = added[f"at-{args.compare_git[:10]}-{kind}"], added[f"ours-{kind}"]
+                    print(f"RATIO gateway_overhead {mode} {kind} after / before: p50 {new[0] / max(old[0], 1e-6):.2f}x  "
+                          f"p99 {new[1] / max(old[1], 1e-6):.2f}x")  # fmt: skip
             if "agentlightning" in added:
                 for name in ("ours-sqlite", "ours-memory"):
                     r50 = added["agentlightning"][0] / max(added[name][0], 1e-6)

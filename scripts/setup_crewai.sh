@@ -3,10 +3,10 @@
 # CrewAI pins openai<3 and openai-agents needs openai>=3, so CrewAI cannot live in .venv.
 # Re-runs only when pyproject.toml or this script changes.
 #
-# Lean on purpose: AgentKiln is installed --no-deps plus its dependencies minus the training stack
-# (torch, transformers, peft, gguf, matplotlib). An agent's process only runs the runner and the
-# agent; the server, engine and trainer run elsewhere. `pip install -e '.[crewai]'` also works but
-# is twice the size (~2.1 GB vs ~1 GB) and takes ~3x as long.
+# Lean on purpose: the core install of AgentKiln is the client SDK and runner, without the server,
+# engine and training stack (torch, transformers, peft, ...: the `serve` / `train` extras). An
+# agent's process only runs the runner and the agent; the server, engine and trainer run elsewhere.
+# This venv is also the check that a runner-only install works (tests/test_runner_only_install.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,21 +19,8 @@ want=$(sha256sum pyproject.toml scripts/setup_crewai.sh | sha256sum | cut -c1-16
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-# AgentKiln's runtime requirements and the crewai extra, read from pyproject.toml.
-mapfile -t reqs < <("$VENV/bin/python" - <<'EOF'
-import re, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-training = {"torch", "transformers", "peft", "gguf", "matplotlib"}
-for req in project["dependencies"]:
-    if re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() not in training:
-        print(req)
-for req in project["optional-dependencies"]["crewai"]:
-    print(req)
-EOF
-)
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q "${reqs[@]}"
-"$VENV/bin/python" -m pip install -q --no-deps -e .
+"$VENV/bin/python" -m pip install -q -e ".[crewai]"
 # Fail here, not in a test, if the environment cannot run a crew through AgentKiln's runner.
 "$VENV/bin/python" -c "import crewai, agentkiln.runner.runner, agentkiln.cli.main"
 echo "$want" > "$stamp"
