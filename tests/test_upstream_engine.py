@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import httpx
 import pytest
@@ -179,7 +180,7 @@ def test_factory_specs(monkeypatch):
 
 
 async def test_factory_builds_embedded_engines():
-    from agentkiln.engine.hf_engine import TransformersEngine
+    from agentkiln.engine.embedded import TransformersEngine
 
     for spec in ("tiny", str(tiny_model_dir())):
         eng = build_engine(spec, max_batch_size=2)
@@ -189,7 +190,8 @@ async def test_factory_builds_embedded_engines():
 
 def test_upstream_json_with_infinity_still_parses():
     """Some servers write -Infinity for a logprob: orjson refuses it, the stdlib fallback keeps it."""
-    from agentkiln.engine.upstream import _loads
+    from agentkiln.engine.upstream.transport import loads
 
-    assert _loads(b'{"logprob": -Infinity, "ids": [1, 2]}') == {"logprob": float("-inf"), "ids": [1, 2]}
-    assert _loads(b'{"ok": true}') == {"ok": True}
+    assert loads(b'{"logprob": -Infinity, "ids": [1, 2]}') == {"logprob": float("-inf"), "ids": [1, 2]}
+    assert loads(b'{"ok": true}') == {"ok": True}
+    assert math.isnan(loads(b'{"logprob": NaN}')["logprob"])
