@@ -6,6 +6,8 @@ HTTP API, the SQLite rows and the in-memory store all agree on one shape.
 
 from __future__ import annotations
 
+import functools
+import string
 import time
 import uuid
 from enum import Enum
@@ -206,15 +208,29 @@ class LLMEndpoint(_Wire):
     )
 
 
+@functools.cache
+def _jinja_env() -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment()
+
+
 class PromptTemplate(_Wire):
     template: str
     engine: Literal["f-string", "jinja"] = "f-string"
 
     def format(self, **values: Any) -> str:
-        if self.engine == "jinja":
-            import jinja2
+        """Render with `values`. Templates come from the store, so they are data, never code.
 
-            return jinja2.Template(self.template).render(**values)
+        jinja renders in jinja2's immutable sandbox (no attribute walks to `__globals__`, no
+        mutation of the values); f-string fields must be plain names (`{name}`, not `{x.attr}`
+        or `{x[0]}`, which would read arbitrary attributes of the values).
+        """
+        if self.engine == "jinja":
+            return _jinja_env().from_string(self.template).render(**values)
+        for _, field, spec, _ in string.Formatter().parse(self.template):
+            if field is not None and (not field.isidentifier() or "{" in (spec or "")):
+                raise ValueError(f"f-string prompt fields must be plain names, got {{{field}}}")
         return self.template.format(**values)
 
 
