@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.engine.chat_format import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls
-from agentkiln.gateway.routes import build_gateway_router
+from agentkiln.gateway.router import build_gateway_router
 from agentkiln.store.base import Store
 
 T = TypeVar("T")
@@ -51,6 +51,7 @@ class ScriptedEngine(Engine):
         version: str = "v1",
         fail_with: Optional[BaseException] = None,
         fail_stream_after: Optional[int] = None,
+        fail_stream_with: Optional[BaseException] = None,
         stream_chunk_chars: int = 3,
     ) -> None:
         self.model_name = model_name
@@ -59,6 +60,7 @@ class ScriptedEngine(Engine):
         self._next = 0
         self.fail_with = fail_with
         self.fail_stream_after = fail_stream_after  # raise after this many deltas
+        self.fail_stream_with = fail_stream_with  # what is raised then (default: a RuntimeError)
         self.stream_chunk_chars = stream_chunk_chars
         self.requests: list[ChatRequest] = []
 
@@ -66,7 +68,7 @@ class ScriptedEngine(Engine):
     def model_version(self) -> str:
         return self._version
 
-    def decode_token(self, token_id: int) -> str:
+    def token_text(self, token_id: int) -> str:
         return chr(token_id)
 
     def _reply(self, request: ChatRequest) -> str:
@@ -127,7 +129,7 @@ class ScriptedEngine(Engine):
             return
         for n, start in enumerate(range(0, len(ids), step)):
             if self.fail_stream_after is not None and n >= self.fail_stream_after:
-                raise RuntimeError("scripted engine died mid-stream")
+                raise self.fail_stream_with or RuntimeError("scripted engine died mid-stream")
             await asyncio.sleep(0)
             chunk = ids[start : start + step]
             yield StreamDelta(index=0, text=decode(chunk), token_ids=chunk)

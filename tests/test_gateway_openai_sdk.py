@@ -258,7 +258,7 @@ def test_tiny_transformers_engine_records_exact_tokens():
 
 def test_inside_full_server_app_with_api_key():
     """The router behind the real server's middlewares (API key, body limit, idempotency), streaming included."""
-    from agentkiln.gateway.routes import build_gateway_router
+    from agentkiln.gateway.router import build_gateway_router
     from agentkiln.server.app import create_app
 
     store = InMemoryStore(sweep_interval_s=None)

@@ -11,7 +11,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from agentkiln.gateway.routes import build_gateway_router
+from agentkiln.gateway.router import build_gateway_router
 from agentkiln.models import (
     AttemptStatus,
     FailureKind,
