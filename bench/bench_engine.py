@@ -15,7 +15,7 @@ import time
 import torch
 
 from agentkiln.engine.base import ChatRequest
-from agentkiln.engine.hf_engine import TransformersEngine
+from agentkiln.engine.embedded import TransformersEngine
 from agentkiln.engine.model_files import smollm2_dir
 
 log = logging.getLogger("bench_engine")

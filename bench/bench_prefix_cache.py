@@ -18,9 +18,9 @@ import time
 import torch
 
 from agentkiln.engine.base import ChatRequest, ChatResult
-from agentkiln.engine.hf_engine import TransformersEngine
+from agentkiln.engine.embedded import TransformersEngine
 from agentkiln.engine.model_files import smollm2_dir
-from agentkiln.engine.prefix_cache import PrefixCache
+from agentkiln.engine.embedded.prefix_cache import PrefixCache
 
 log = logging.getLogger("bench_prefix_cache")
 

@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult, Engine, StreamDelta
-from agentkiln.engine.chat_format import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls
+from agentkiln.engine.chat.tool_parsers.hermes import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls
 from agentkiln.gateway.router import build_gateway_router
 from agentkiln.store.base import Store
 

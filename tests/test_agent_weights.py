@@ -14,9 +14,9 @@ import agentkiln as kiln
 from agentkiln.algorithms.agent_policies import agent_patterns
 from agentkiln.algorithms.base import TrainingContext
 from agentkiln.engine.base import ChatRequest
-from agentkiln.engine.hf_engine import TransformersEngine
+from agentkiln.engine.embedded import TransformersEngine
 from agentkiln.engine.model_files import load_model, tiny_model_dir
-from agentkiln.engine.prefix_cache import PrefixCache
+from agentkiln.engine.embedded.prefix_cache import PrefixCache
 from agentkiln.engine.upstream import UpstreamEngine
 from agentkiln.models import LLMEndpoint, ResourcesIn, SpanAttrs, SpanNames
 from agentkiln.runner.runner import Runner

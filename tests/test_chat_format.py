@@ -6,12 +6,9 @@ import json
 
 import pytest
 
-from agentkiln.engine.chat_format import (
-    DEFAULT_SYSTEM,
-    parse_tool_calls,
-    render_prompt,
-    stream_visible_text,
-)
+from agentkiln.engine.chat.smollm2 import DEFAULT_SYSTEM, render_prompt
+from agentkiln.engine.chat.template import stream_visible_text
+from agentkiln.engine.chat.tool_parsers.hermes import parse_tool_calls
 from agentkiln.engine.model_files import load_tokenizer, tiny_model_dir
 
 WEATHER = {

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentkiln.engine.base import ChatRequest, Engine
-from agentkiln.engine.chat_format import parse_tool_calls
+from agentkiln.engine.chat.tool_parsers.hermes import parse_tool_calls
 from agentkiln.models import (
     Attempt,
     LLMEndpoint,

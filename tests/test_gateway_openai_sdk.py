@@ -213,9 +213,9 @@ def test_agent_name_resolution_order():
 
 
 def _tiny_engine():
-    if importlib.util.find_spec("agentkiln.engine.hf_engine") is None:
+    if importlib.util.find_spec("agentkiln.engine.embedded") is None:
         pytest.skip("TransformersEngine not available yet")
-    from agentkiln.engine.hf_engine import TransformersEngine
+    from agentkiln.engine.embedded import TransformersEngine
     from agentkiln.engine.model_files import load_tokenizer, tiny_model_dir
 
     path = tiny_model_dir()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agentkiln.engine.base import ChatRequest
-from agentkiln.engine.hf_engine import TransformersEngine
+from agentkiln.engine.embedded import TransformersEngine
 from agentkiln.engine.model_files import load_model, smollm2_dir, tiny_model_dir
 
 
@@ -248,7 +248,7 @@ async def test_engine_prefix_cache_stays_bounded():
 
 
 def test_prefix_cache_lru_supersede_and_views():
-    from agentkiln.engine.prefix_cache import PrefixCache
+    from agentkiln.engine.embedded.prefix_cache import PrefixCache
 
     def kv(n: int, fill: float = 1.0):
         return [(torch.full((1, 2, n, 4), fill), torch.full((1, 2, n, 4), -fill))]

@@ -25,7 +25,7 @@ def build_engine(spec: str, **engine_kwargs: Any) -> Engine | None:
         return _upstream(spec[len("upstream:") :])
 
     from agentkiln.engine import model_files
-    from agentkiln.engine.hf_engine import TransformersEngine
+    from agentkiln.engine.embedded import TransformersEngine
 
     if spec.lower() == "smollm2":
         return TransformersEngine(model_files.smollm2_dir(), **engine_kwargs)
