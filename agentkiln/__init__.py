@@ -32,13 +32,13 @@ __version__ = "0.1.0"
 # Training pieces pull in torch: import them only when used.
 _LAZY = {
     "Trainer": "agentkiln.trainer",
-    "GRPO": "agentkiln.algorithms.grpo_algorithm",
-    "GRPOConfig": "agentkiln.algorithms.grpo",
-    "LoraSettings": "agentkiln.algorithms.grpo",
+    "GRPO": "agentkiln.algorithms.grpo.algorithm",
+    "GRPOConfig": "agentkiln.algorithms.grpo.config",
+    "LoraSettings": "agentkiln.training.config",
     "CreditConfig": "agentkiln.adapter.credit",
-    "APO": "agentkiln.algorithms.apo",
-    "SFT": "agentkiln.algorithms.sft",
-    "SFTConfig": "agentkiln.algorithms.sft",
+    "APO": "agentkiln.algorithms.apo.algorithm",
+    "SFT": "agentkiln.algorithms.sft.algorithm",
+    "SFTConfig": "agentkiln.algorithms.sft.config",
     "Curriculum": "agentkiln.algorithms.curriculum",
     "open_store": "agentkiln.store",
 }

@@ -1,4 +1,4 @@
-"""GRPO update throughput: agentkiln GRPOLearner vs TRL GRPOTrainer, SmolLM2-135M, LoRA r16, CPU.
+"""GRPO update throughput: the agentkiln learner (GRPO objective) vs TRL GRPOTrainer, SmolLM2-135M, LoRA r16, CPU.
 
 Both sides get the same batch: one chat prompt and 8 fixed completions (12-64 tokens, random
 token ids; content does not change the cost) with advantages +-1. Only the update is timed:
@@ -20,7 +20,7 @@ padding), TRL with bf16 autocast and TRL in fp32. Like-for-like = same batch, sa
 (ours bf16 autocast vs TRL bf16). "tok/s" counts prompt + completion tokens of every row for
 all of them, whatever each actually computes. The contenders run interleaved, one step each per round, so load from other
 processes on the machine hits them alike; the first round is warm-up; medians are reported.
---compare-git REV also times agentkiln/algorithms/grpo.py as of a git revision (before/after).
+--compare-git REV also times the learner as committed at a git revision (before/after).
 
 Run: HF_HUB_OFFLINE=1 python bench/bench_grpo.py [--steps 3] [--ours-fp32] [--compare-git HEAD]
 """
@@ -28,9 +28,10 @@ Run: HF_HUB_OFFLINE=1 python bench/bench_grpo.py [--steps 3] [--ours-fp32] [--co
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import logging
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -39,12 +40,14 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from agentkiln.algorithms.grpo import GRPOConfig, GRPOLearner, LoraSettings
+from agentkiln.algorithms.grpo import GRPOConfig, LoraSettings
 from agentkiln.engine.model_files import load_tokenizer, smollm2_dir
 from agentkiln.models import Transition
+from agentkiln.training.learner import Learner as GRPOLearner
 
 log = logging.getLogger("bench_grpo")
 SHARED = "agentkiln bf16 (default, packed)"
@@ -66,19 +69,31 @@ def make_batch(tok, k: int, min_len: int, max_len: int, seed: int) -> tuple[list
     return list(prompt), completions, advantages
 
 
-def grpo_module_at(rev: str):
-    """agentkiln/algorithms/grpo.py as of git revision `rev`, imported under another name."""
+def learner_at(rev: str) -> SimpleNamespace:
+    """GRPOLearner / GRPOConfig / LoraSettings as committed at git revision `rev`.
+
+    The whole `agentkiln` tree of `rev` is unpacked as a package of another name (its absolute
+    imports rewritten), so the learner runs with its own helpers (head, packing) of that time:
+    the old layout (agentkiln/algorithms/grpo.py, e.g. a4b85397) and the current one
+    (agentkiln/training/learner.py + algorithms/grpo/config.py) both work.
+    """
     root = Path(__file__).resolve().parent.parent
-    src = subprocess.run(
-        ["git", "show", f"{rev}:agentkiln/algorithms/grpo.py"], cwd=root, check=True, capture_output=True, text=True
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "grpo_at_rev.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("grpo_at_rev", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["grpo_at_rev"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    name = "kiln_at_" + re.sub(r"\W", "_", rev)
+    tmp = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "archive", rev, "agentkiln"], cwd=root, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    pkg = tmp / "agentkiln"
+    for f in pkg.rglob("*.py"):
+        f.write_text(re.sub(r"\bagentkiln\b(?=[. \"'])", name, f.read_text()))
+    pkg.rename(tmp / name)
+    sys.path.insert(0, str(tmp))
+    if (tmp / name / "training" / "learner.py").exists():
+        learner = importlib.import_module(f"{name}.training.learner")
+        config = importlib.import_module(f"{name}.algorithms.grpo.config")
+        return SimpleNamespace(
+            GRPOLearner=learner.Learner, GRPOConfig=config.GRPOConfig, LoraSettings=config.LoraSettings
+        )
+    return importlib.import_module(f"{name}.algorithms.grpo")
 
 
 def ours_step(
@@ -187,7 +202,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--trl", choices=("both", "bf16", "fp32", "none"), default="both", help="TRL precision(s) to time")
     ap.add_argument("--ours-fp32", action="store_true", help="also time GRPOLearner without autocast")
-    ap.add_argument("--compare-git", metavar="REV", help="also time grpo.py as of this git revision")
+    ap.add_argument("--compare-git", metavar="REV", help="also time the learner as of this git revision")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -212,7 +227,7 @@ def main() -> None:
     if a.ours_fp32:
         contenders.append(("agentkiln fp32 shared-prompt", ours_step(*batch, False)))
     if a.compare_git:
-        old = grpo_module_at(a.compare_git)
+        old = learner_at(a.compare_git)
         contenders.append((f"agentkiln@{a.compare_git} bf16 shared", ours_step(*batch, True, share=True, module=old)))
         contenders.append((f"agentkiln@{a.compare_git} bf16 per-row", ours_step(*batch, True, share=False, module=old)))
     for precision in ("bf16", "fp32"):

@@ -11,12 +11,10 @@ import pytest
 import torch
 
 import agentkiln as kiln
-from agentkiln.algorithms.agent_policies import agent_patterns
-from agentkiln.algorithms.base import TrainingContext
 from agentkiln.engine.base import ChatRequest
 from agentkiln.engine.embedded import TransformersEngine
-from agentkiln.engine.model_files import load_model, tiny_model_dir
 from agentkiln.engine.embedded.prefix_cache import PrefixCache
+from agentkiln.engine.model_files import load_model, tiny_model_dir
 from agentkiln.engine.upstream import UpstreamEngine
 from agentkiln.models import LLMEndpoint, ResourcesIn, SpanAttrs, SpanNames
 from agentkiln.runner.runner import Runner
@@ -24,6 +22,8 @@ from agentkiln.server.app import create_app
 from agentkiln.server.serve import ServerThread
 from agentkiln.store.client import HttpStore
 from agentkiln.store.memory import InMemoryStore
+from agentkiln.training.context import TrainingContext
+from agentkiln.training.policies import agent_patterns
 from tests.test_frameworks_common import FAST
 
 SYSTEM = "You are one agent of a team. " + " ".join(f"Rule {i}: be brief about topic {i}." for i in range(20))

@@ -79,10 +79,10 @@ def test_grpo_uses_the_curriculum(tmp_path, monkeypatch) -> None:
     """GRPO draws its tasks from the curriculum and records each group's rewards in it."""
     import asyncio
 
-    from agentkiln.algorithms import grpo_algorithm
-    from agentkiln.algorithms.base import TrainingContext
-    from agentkiln.algorithms.grpo_algorithm import GRPO
+    from agentkiln.algorithms.grpo import GRPO
     from agentkiln.store import InMemoryStore
+    from agentkiln.training import loop as grpo_algorithm
+    from agentkiln.training.context import TrainingContext
 
     drawn: list[str] = []
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from agentkiln.algorithms.grpo import GRPOConfig, GRPOLearner, LoraSettings
+from agentkiln.algorithms.grpo import GRPOConfig, LoraSettings
 from agentkiln.engine.model_files import load_model, smollm2_dir, tiny_model_dir
 from agentkiln.models import Transition
+from agentkiln.training.learner import Learner as GRPOLearner
 
 log = logging.getLogger(__name__)
 

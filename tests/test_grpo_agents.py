@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import agentkiln as kiln
-from agentkiln.algorithms.grpo import GRPOConfig, LoraSettings
-from agentkiln.algorithms.grpo_algorithm import GRPO
+from agentkiln.algorithms.grpo import GRPO, GRPOConfig, LoraSettings
 from agentkiln.engine.model_files import tiny_model_dir
 from agentkiln.models import RolloutMode, SpanAttrs, SpanNames
 from agentkiln.store import open_store

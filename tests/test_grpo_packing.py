@@ -9,14 +9,16 @@ import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from agentkiln.algorithms import grpo as grpo_module
-from agentkiln.algorithms import head as head_module
-from agentkiln.algorithms import packing as packing_module
-from agentkiln.algorithms.grpo import GRPOConfig, GRPOLearner, _collate
-from agentkiln.algorithms.head import chosen_logprobs
-from agentkiln.algorithms.packing import ATTN_NAME, LAYOUT_KWARG, build_tree, enable_tree_attention, tree_attention
+from agentkiln.algorithms.grpo import GRPOConfig
 from agentkiln.engine.model_files import load_model, tiny_model_dir
 from agentkiln.models import Transition
+from agentkiln.training import head as head_module
+from agentkiln.training import packing as grpo_module
+from agentkiln.training import packing as packing_module
+from agentkiln.training.head import chosen_logprobs
+from agentkiln.training.learner import Learner as GRPOLearner
+from agentkiln.training.packing import ATTN_NAME, LAYOUT_KWARG, build_tree, enable_tree_attention, tree_attention
+from agentkiln.training.packing import collate as _collate
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agentkiln.algorithms.grpo import GRPOConfig, GRPOLearner, LoraSettings
-from agentkiln.algorithms.offline import OfflineConfig, load_traces_from, select_training_data, train_offline
+from agentkiln.algorithms.grpo import GRPOConfig, LoraSettings
+from agentkiln.algorithms.offline import OfflineConfig, select_training_data, train_offline
 from agentkiln.algorithms.sft import SFTConfig
 from agentkiln.engine.model_files import load_tokenizer, tiny_model_dir
 from agentkiln.models import AttemptStatus, RolloutMode, SpanAttrs, SpanIn, SpanNames, Transition
 from agentkiln.store import open_store
+from agentkiln.training.learner import Learner as GRPOLearner
+from agentkiln.training.trace import load_traces_from
 
 QUESTIONS = ["What is 2 + 2?", "What is 3 + 5?"]
 ANSWERS = {"What is 2 + 2?": ["4", "5", "4", "22"], "What is 3 + 5?": ["8", "35", "9", "8"]}
@@ -137,7 +139,7 @@ def test_kiln_train_algorithm_choice(tmp_path: Path) -> None:
     import typer
 
     from agentkiln.algorithms.apo import APO
-    from agentkiln.algorithms.grpo_algorithm import GRPO
+    from agentkiln.algorithms.grpo import GRPO
     from agentkiln.algorithms.sft import SFT
     from agentkiln.cli.train import _build_algorithm
 

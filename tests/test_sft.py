@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from agentkiln.algorithms.grpo import LoraSettings
-from agentkiln.algorithms.sft import SFT, SFTConfig, SFTLearner, select_best
+from agentkiln.algorithms.sft import SFT, SFTConfig, select_best
 from agentkiln.engine.model_files import load_tokenizer, tiny_model_dir
 from agentkiln.models import Transition
+from agentkiln.training.config import LoraSettings
+from agentkiln.training.learner import Learner as SFTLearner
 
 
 def _t(rid: str, group: str, ret: float, step: int = 0) -> Transition:

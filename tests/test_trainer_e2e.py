@@ -5,8 +5,7 @@ import json
 import pytest
 
 from agentkiln.adapter.credit import CreditConfig
-from agentkiln.algorithms.grpo import GRPOConfig, LoraSettings
-from agentkiln.algorithms.grpo_algorithm import GRPO
+from agentkiln.algorithms.grpo import GRPO, GRPOConfig, LoraSettings
 from agentkiln.demo.agent import calculator_agent
 from agentkiln.demo.tasks import make_tasks
 from agentkiln.engine.model_files import tiny_model_dir

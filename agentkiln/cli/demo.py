@@ -29,8 +29,7 @@ def build_demo_algorithm(
     eval_every: int,
     model_dir: Optional[str] = None,
 ) -> Any:
-    from agentkiln.algorithms.grpo import GRPOConfig, LoraSettings
-    from agentkiln.algorithms.grpo_algorithm import GRPO
+    from agentkiln.algorithms.grpo import GRPO, GRPOConfig, LoraSettings
 
     return GRPO(
         model_dir=model_dir,

@@ -34,6 +34,67 @@ def read_tasks(path: Path) -> list[Any]:
     return tasks
 
 
+# `kiln train` option -> dotted field of each algorithm's dataclasses (see training.settings).
+# An option an algorithm does not list is ignored by it; `--set` reaches every other field.
+TRAIN_OPTIONS: dict[str, dict[str, str]] = {
+    "grpo": {
+        "model_dir": "model_dir", "steps": "steps", "tasks_per_step": "tasks_per_step",
+        "samples": "samples_per_task", "lr": "config.lr", "temperature": "temperature",
+        "agent_match": "agent_match", "agents": "agents", "eval_every": "eval_every", "resume": "resume",
+    },
+    "sft": {
+        "model_dir": "model_dir", "steps": "rounds", "tasks_per_step": "tasks_per_round",
+        "samples": "samples_per_task", "lr": "config.lr", "temperature": "temperature",
+        "agent_match": "agent_match", "eval_every": "eval_every", "min_reward": "min_reward",
+    },
+    "apo": {
+        "prompt_name": "prompt_name", "prompt": "initial_prompt", "steps": "rounds", "beam": "beam_width",
+        "tasks_per_step": "train_batch_size", "optimizer_url": "optimizer.base_url",
+        "optimizer_model": "optimizer.model", "optimizer_key": "optimizer.api_key",
+    },
+}
+OFFLINE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "algorithm": ("algorithm",), "model_dir": ("model_dir",), "agent_match": ("agent_match",),
+    "merge": ("merge_turns",), "min_reward": ("min_reward",), "top_k": ("top_k",), "epochs": ("epochs",),
+    "lr": ("sft.lr", "grpo.lr"), "temperature": ("grpo.temperature",),
+}
+SET_HELP = "KEY=VALUE for any field of the algorithm's dataclasses, e.g. config.kl_coef=0.05 (repeatable)"
+
+
+def _algorithm_class(name: str) -> Any:
+    if name == "grpo":
+        from agentkiln.algorithms.grpo.algorithm import GRPO
+
+        return GRPO
+    if name == "sft":
+        from agentkiln.algorithms.sft.algorithm import SFT
+
+        return SFT
+    if name == "apo":
+        from agentkiln.algorithms.apo.algorithm import APO
+
+        return APO
+    raise typer.BadParameter(f"unknown algorithm {name!r}: use grpo, sft or apo", param_hint="--algorithm")
+
+
+def _settings(pairs: Optional[list[str]]) -> dict[str, str]:
+    from agentkiln.training.settings import parse_assignments
+
+    try:
+        return parse_assignments(pairs or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from exc
+
+
+def _build(cls: Any, values: dict[str, Any]) -> Any:
+    from agentkiln.training.settings import build
+
+    try:
+        return build(cls, values)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from exc
+
+
 @app.command("train")
 def train(
     train_file: Path = typer.Argument(..., help="training tasks (JSONL or a JSON list)"),
@@ -61,6 +122,7 @@ def train(
     optimizer_key: Optional[str] = typer.Option(None, envvar="KILN_OPTIMIZER_API_KEY"),
     run_dir: Path = typer.Option(Path("runs/train"), help="where history, checkpoints and results go"),
     resume: bool = typer.Option(True, help="grpo: continue from run_dir/checkpoint if present"),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Train against a `kiln serve` server; runners are started separately with `kiln run`."""
     from agentkiln.trainer import Trainer
@@ -86,6 +148,7 @@ def train(
         optimizer_url=optimizer_url,
         optimizer_model=optimizer_model,
         optimizer_key=optimizer_key,
+        settings=_settings(settings),
     )
     trainer = Trainer(algo, server_url=server, api_key=api_key, run_dir=run_dir)
     result = trainer.fit(None, read_tasks(train_file), read_tasks(val_file) if val_file else None)
@@ -101,52 +164,16 @@ def train(
     typer.echo(json.dumps(summary))
 
 
-def _build_algorithm(name: str, **o: Any) -> Any:
-    if name == "grpo":
-        from agentkiln.algorithms.grpo import GRPOConfig
-        from agentkiln.algorithms.grpo_algorithm import GRPO
-
-        return GRPO(
-            model_dir=o["model_dir"],
-            steps=o["steps"],
-            tasks_per_step=o["tasks_per_step"],
-            samples_per_task=o["samples"],
-            temperature=o["temperature"],
-            agent_match=o["agent_match"],
-            agents=o.get("agents"),
-            eval_every=o["eval_every"],
-            resume=o["resume"],
-            config=GRPOConfig(lr=o["lr"]),
-        )
-    if name == "sft":
-        from agentkiln.algorithms.sft import SFT, SFTConfig
-
-        return SFT(
-            model_dir=o["model_dir"],
-            rounds=o["steps"],
-            tasks_per_round=o["tasks_per_step"],
-            samples_per_task=o["samples"],
-            temperature=o["temperature"],
-            agent_match=o["agent_match"],
-            eval_every=o["eval_every"],
-            min_reward=o["min_reward"],
-            config=SFTConfig(lr=o["lr"]),
-        )
+def _build_algorithm(name: str, settings: Optional[dict[str, str]] = None, **options: Any) -> Any:
+    """The algorithm `name` with the named options mapped through TRAIN_OPTIONS, then `settings` (--set)."""
+    cls = _algorithm_class(name)
     if name == "apo":
-        from agentkiln.algorithms.apo import APO, OptimizerLLM
-
-        prompt = o["prompt"]
+        prompt = options.get("prompt")
         if prompt is not None and prompt.startswith("@"):
-            prompt = Path(prompt[1:]).read_text()
-        return APO(
-            prompt_name=o["prompt_name"],
-            initial_prompt=prompt,
-            rounds=o["steps"],
-            beam_width=o["beam"],
-            train_batch_size=max(1, o["tasks_per_step"]),
-            optimizer=OptimizerLLM(base_url=o["optimizer_url"], model=o["optimizer_model"], api_key=o["optimizer_key"]),
-        )
-    raise typer.BadParameter(f"unknown algorithm {name!r}: use grpo, sft or apo", param_hint="--algorithm")
+            options["prompt"] = Path(prompt[1:]).read_text()
+        options["tasks_per_step"] = max(1, options.get("tasks_per_step", 1))
+    values = {field: options[opt] for opt, field in TRAIN_OPTIONS[name].items() if opt in options}
+    return _build(cls, {**values, **(settings or {})})
 
 
 @app.command("train-offline")
@@ -169,26 +196,23 @@ def train_offline_cmd(
     lr: float = typer.Option(1e-4),
     temperature: float = typer.Option(1.0, help="grpo: the temperature the traces were sampled at"),
     limit: Optional[int] = typer.Option(None, help="read at most this many rollouts"),
+    settings: Optional[list[str]] = typer.Option(
+        None, "--set", help="KEY=VALUE for any OfflineConfig field, e.g. grpo.clip_eps=0.1 (repeatable)"
+    ),
 ) -> None:
     """Train from rollouts already in a store (e.g. production traffic) without running the agent."""
-    from agentkiln.algorithms.grpo import GRPOConfig
-    from agentkiln.algorithms.offline import OfflineConfig, load_traces_from, train_offline
-    from agentkiln.algorithms.sft import SFTConfig
+    from agentkiln.algorithms.offline import OfflineConfig, train_offline
+    from agentkiln.training.trace import load_traces_from
 
     if algorithm not in ("sft", "grpo"):
         raise typer.BadParameter("use sft or grpo", param_hint="--algorithm")
+    named = {
+        "algorithm": algorithm, "model_dir": model_dir, "agent_match": agent_match, "merge": merge,
+        "min_reward": min_reward, "top_k": top_k, "epochs": epochs, "lr": lr, "temperature": temperature,
+    }
+    values = {field: named[opt] for opt, fields in OFFLINE_OPTIONS.items() for field in fields}
+    config = _build(OfflineConfig, {**values, **_settings(settings)})
     traces = asyncio.run(load_traces_from(store, api_key=api_key, mode=mode, limit=limit))
-    config = OfflineConfig(
-        algorithm=algorithm,  # type: ignore[arg-type]
-        model_dir=model_dir,
-        agent_match=agent_match,
-        merge_turns=merge,
-        min_reward=min_reward,
-        top_k=top_k,
-        epochs=epochs,
-        sft=SFTConfig(lr=lr),
-        grpo=GRPOConfig(lr=lr, temperature=temperature),
-    )
     result = train_offline(traces, out, config)
     typer.echo(
         json.dumps(
@@ -223,7 +247,7 @@ def export(
 
 async def _collect(url: str, api_key: Optional[str], mode: Optional[str], agent_match: Optional[str], merge: bool):
     from agentkiln.adapter.transitions import build_batch
-    from agentkiln.algorithms.offline import load_traces_from
+    from agentkiln.training.trace import load_traces_from
 
     traces = await load_traces_from(url, api_key=api_key, mode=mode)
     return build_batch(traces, agent_match=agent_match, merge=merge)

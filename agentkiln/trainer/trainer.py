@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from agentkiln.algorithms.base import Algorithm, TrainingContext, TrainingResult
 from agentkiln.engine.base import Engine
+from agentkiln.training.context import Algorithm, TrainingContext, TrainingResult
 
 log = logging.getLogger(__name__)
 

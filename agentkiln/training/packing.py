@@ -1,4 +1,5 @@
-"""Padding-free tree packing of a micro-batch for the learner's forward pass.
+"""How a micro-batch is laid out for the learner's forward pass: padding-free tree packing,
+with padded rows (optionally one shared prompt) as the fallback.
 
 Why: on CPU every padded position costs a full token of decoder work, and a GRPO group's
 prompt is the same for all its completions. Here all sequences of a micro-batch become one
@@ -23,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,12 @@ class TreeLayout:
     def bias(self) -> torch.Tensor:
         """[C, 1, 1, Q, K] fp32: 0 where the mask allows, else -inf (added to the scores); built once."""
         if self._bias is None:
-            self._bias = torch.zeros(self.mask.shape).masked_fill_(~self.mask, float("-inf")).unsqueeze(1)
+            bias = torch.zeros(self.mask.shape, device=self.mask.device)
+            self._bias = bias.masked_fill_(~self.mask, float("-inf")).unsqueeze(1)
         return self._bias
+
+    def to(self, device: torch.device) -> TreeLayout:
+        return _moved(self, device)
 
 
 def build_tree(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], share: bool = True) -> TreeLayout:
@@ -228,3 +233,135 @@ def enable_tree_attention(model: torch.nn.Module) -> bool:
         log.info("tree packing disabled: cannot register the attention function (%s)", e)
         return False
     return True
+
+
+# --------------------------------------------------------------------------- micro-batches
+
+
+def _moved(obj, device: torch.device):
+    """A copy of dataclass `obj` with its tensors on `device` (itself when already there)."""
+    moves = {
+        f.name: v.to(device, non_blocking=True)
+        for f in fields(obj)
+        if isinstance(v := getattr(obj, f.name), torch.Tensor) and v.device != device
+    }
+    return replace(obj, **moves) if moves else obj
+
+
+@dataclass
+class Item:
+    """One transition prepared for batching."""
+
+    ids: list[int]  # prompt + response
+    prompt_len: int
+    old_logprobs: list[float]
+    mask: list[float]
+    advantage: float
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] (each sequence without its last token)
+    attention_mask: torch.Tensor
+    rows: torch.Tensor  # [N] batch row of each response token
+    positions: torch.Tensor  # [N] position whose output predicts it
+    targets: torch.Tensor  # [N] the response token ids
+    old_logprobs: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor  # [N] (per-rollout advantage repeated per token)
+    lengths: list[int]  # response length per row, to split [N] back per sequence
+    tokens: int = 0  # prompt + response tokens of all rows (what "tokens/s" counts)
+    prefix_ids: torch.Tensor | None = None  # [1, P] prompt shared by every row; input_ids then hold responses
+    layout: TreeLayout | None = None  # tree-packed: input_ids etc. live in the layout, rows are all 0
+    items: Sequence[Item] = ()  # what it was built from (to fall back to a padded layout)
+
+    def to(self, device: torch.device) -> Batch:
+        batch = _moved(self, device)
+        if batch.layout is not None and batch.layout.input_ids.device != device:
+            batch = replace(batch, layout=batch.layout.to(device))
+        return batch
+
+
+def collate(items: Sequence[Item], pad_id: int, share: bool = False, pack: bool = True) -> Batch:
+    """Batch tensors of a micro-batch: tree-packed (pack), else padded rows (share: the prompt once)."""
+    if pack:
+        layout = build_tree([it.ids for it in items], [it.prompt_len for it in items], share)
+        empty = torch.empty((0, 0), dtype=torch.long)
+        batch = _batch(items, empty, empty, [0] * len(layout.predictors), layout.predictors)
+        batch.layout, batch.items = layout, items
+        return batch
+    if share and len(items) > 1 and all(it.prompt_len == items[0].prompt_len for it in items):
+        p = items[0].prompt_len
+        if all(it.ids[:p] == items[0].ids[:p] for it in items):
+            return _collate_shared(items, pad_id)
+    width = max(len(it.ids) - 1 for it in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    rows: list[int] = []
+    positions: list[int] = []
+    for b, it in enumerate(items):
+        seq = it.ids[:-1]
+        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[b, : len(seq)] = 1
+        n = len(it.ids) - it.prompt_len
+        rows.extend([b] * n)
+        positions.extend(range(it.prompt_len - 1, it.prompt_len - 1 + n))
+    return _batch(items, input_ids, attention, rows, positions)
+
+
+def _batch(
+    items: Sequence[Item],
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    rows: list[int],
+    positions: list[int],
+    prefix_ids: torch.Tensor | None = None,
+) -> Batch:
+    """The per-token tensors both layouts share, in item order."""
+    targets: list[int] = []
+    old: list[float] = []
+    mask: list[float] = []
+    adv: list[float] = []
+    lengths: list[int] = []
+    for it in items:
+        n = len(it.ids) - it.prompt_len
+        targets.extend(it.ids[it.prompt_len :])
+        old.extend(it.old_logprobs)
+        mask.extend(it.mask)
+        adv.extend([it.advantage] * n)
+        lengths.append(n)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        rows=torch.tensor(rows, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        old_logprobs=torch.tensor(old, dtype=torch.float32),
+        mask=torch.tensor(mask, dtype=torch.float32),
+        advantages=torch.tensor(adv, dtype=torch.float32),
+        lengths=lengths,
+        tokens=sum(len(it.ids) for it in items),
+        prefix_ids=prefix_ids,
+    )
+
+
+def _collate_shared(items: Sequence[Item], pad_id: int) -> Batch:
+    """Rows share one prompt: it is run once and its KV cache repeated, the rows carry only responses.
+
+    Hidden-state index j of a row predicts response token j: index 0 is the prompt's last
+    position (shared), index j > 0 is the row's response token j - 1.
+    """
+    p = items[0].prompt_len
+    width = max(len(it.ids) - p - 1 for it in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    rows: list[int] = []
+    positions: list[int] = []
+    for b, it in enumerate(items):
+        resp = it.ids[p:]
+        n = len(resp)
+        input_ids[b, : n - 1] = torch.tensor(resp[:-1], dtype=torch.long)
+        attention[b, : n - 1] = 1
+        rows.extend([b] * n)
+        positions.extend(range(n))
+    return _batch(items, input_ids, attention, rows, positions, torch.tensor([items[0].ids[:p]], dtype=torch.long))

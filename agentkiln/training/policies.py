@@ -1,4 +1,4 @@
-"""Which learners one GRPO run trains, where their files go, and how their weights are published.
+"""Which learners one training run trains, where their files go, and how their weights are published.
 
 Default: one policy, the main weights, trained on the calls `agent_match` selects (files directly
 under the run folder, as always). Per-agent mode (`GRPO(agents=...)`): one policy per agent of a
@@ -49,8 +49,8 @@ class Policy:
     def label(self) -> str:
         return self.agent or MAIN_LLM
 
-    def adapter_dir(self, step: int) -> Path:
-        return self.adapters / f"step-{step}"
+    def adapter_dir(self, step: int, unit: str = "step") -> Path:
+        return self.adapters / f"{unit}-{step}"
 
     def has_checkpoint(self) -> bool:
         return (self.checkpoint / "trainer_state.pt").exists()

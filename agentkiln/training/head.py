@@ -28,8 +28,8 @@ class _ChosenLogprob(torch.autograd.Function):
     ) -> torch.Tensor:
         inv_t = 1.0 / temperature
         n = hidden.shape[0]
-        run_max = torch.full((n,), float("-inf"), dtype=hidden.dtype)
-        run_sum = torch.zeros(n, dtype=hidden.dtype)
+        run_max = torch.full((n,), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+        run_sum = torch.zeros(n, dtype=hidden.dtype, device=hidden.device)
         exps: list[torch.Tensor] = []  # exp(logit - slice max) per slice, turned into the gradient later
         maxes: list[torch.Tensor] = []
         for start in range(0, weight.shape[0], VOCAB_SLICE):

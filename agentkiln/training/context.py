@@ -1,4 +1,4 @@
-"""What every learning algorithm (GRPO, SFT, APO) is handed, and what it must implement.
+"""What every learning algorithm (GRPO, SFT, APO) is handed, what it returns, and what it implements.
 
 An algorithm only talks to the store (enqueue tasks, read spans, publish resources);
 it never calls runners or the engine directly, so the same algorithm drives any agent.
@@ -10,9 +10,10 @@ import abc
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import httpx
 
@@ -29,7 +30,7 @@ class TrainingContext:
     server_url: str
     run_dir: Path
     model_name: str = "smollm2-135m-instruct"
-    api_key: Optional[str] = None
+    api_key: str | None = None
     on_event: ProgressCallback = field(default=lambda kind, data: None)
 
     def _client(self) -> httpx.AsyncClient:
@@ -65,10 +66,10 @@ class TrainingContext:
 class TrainingResult:
     """Summary an algorithm returns from `run`; written as JSON next to its artifacts."""
 
-    val_before: Optional[float] = None
-    val_after: Optional[float] = None
-    best_val: Optional[float] = None
-    best_checkpoint: Optional[str] = None
+    val_before: float | None = None
+    val_after: float | None = None
+    best_val: float | None = None
+    best_checkpoint: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,5 +78,5 @@ class TrainingResult:
 class Algorithm(abc.ABC):
     @abc.abstractmethod
     async def run(
-        self, ctx: TrainingContext, train_data: Sequence[Any], val_data: Optional[Sequence[Any]] = None
+        self, ctx: TrainingContext, train_data: Sequence[Any], val_data: Sequence[Any] | None = None
     ) -> TrainingResult: ...

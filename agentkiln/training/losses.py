@@ -1,0 +1,200 @@
+"""The losses the learner trains with: plain functions, and one objective object per algorithm.
+
+The functions are the math (`grpo_loss`, `sft_loss`). An objective (`GRPOObjective`,
+`SFTObjective`) is what `Learner.update` runs: which transitions count, how they are cut into
+optimizer steps, which log-probs to score under, and the metrics it reports. Everything about
+the model (forward passes, micro-batching, the optimizer) stays in the learner, so a new
+algorithm is a new objective, not a new learner subclass.
+
+Both losses are token means over the whole optimizer step (every micro-batch divides by the
+step's total trained-token count), so gradient accumulation gives the same step as one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from agentkiln.training.packing import Batch, Item
+
+log = logging.getLogger(__name__)
+
+
+class GRPOTerms(NamedTuple):
+    loss: torch.Tensor  # scalar: this micro-batch's share of the step's token-mean loss
+    pg: torch.Tensor  # [N] clipped policy-gradient term per token
+    ratio: torch.Tensor  # [N] pi / pi_old
+    log_ratio: torch.Tensor  # [N] clamped log of it
+    kl: torch.Tensor | None  # [N] k3 estimate to the reference (None without one)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    total_tokens: float,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> GRPOTerms:
+    """Clipped-ratio policy gradient against the recorded (sampling-time) logprobs, plus an
+    optional k3 KL to the reference (unbiased, always >= 0)."""
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + hi))
+    per_token, kl = pg, None
+    if ref_logprobs is not None:
+        d = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+        kl = torch.exp(d) - d - 1.0
+        per_token = pg + kl_coef * kl
+    return GRPOTerms((per_token * mask).sum() / total_tokens, pg, ratio, log_ratio, kl)
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, total_tokens: float) -> torch.Tensor:
+    """Masked cross-entropy: negative log-likelihood of the trained response tokens, token mean."""
+    return -(logprobs * mask).sum() / total_tokens
+
+
+def _finish(learner: Any, name: str, metrics: dict[str, float], t0: float, forwarded: int) -> dict[str, float]:
+    """Add the step count and throughput every objective reports, and log the update."""
+    elapsed = time.perf_counter() - t0
+    learner.tokens_seen += forwarded
+    metrics.update(step=float(learner.step), time_s=elapsed, tokens_per_s=forwarded / elapsed if elapsed > 0 else 0.0)
+    log.info("%s step %d: %s", name, learner.step, {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+class GRPOObjective:
+    """One GRPO update: `config.epochs` optimizer steps over the same micro-batches.
+
+    The settings are read from the config (a GRPOConfig: clip_eps, clip_eps_high, kl_coef,
+    epochs, skip_zero_advantage, temperature), so they are declared once, there.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @property
+    def temperature(self) -> float:
+        return self.config.temperature
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.config.kl_coef > 0
+
+    def run(self, learner: Any, items: Sequence[Item], t0: float) -> dict[str, float]:
+        total = sum(sum(it.mask) for it in items)
+        metrics: dict[str, float] = {"transitions": float(len(items)), "trained_tokens": float(total)}
+        if total == 0:
+            log.warning("GRPO update skipped: no trainable tokens")
+            return {**metrics, "optimizer_steps": 0.0, "step": float(learner.step)}
+        cfg = self.config
+        skip = cfg.skip_zero_advantage and cfg.kl_coef == 0
+        active = [it for it in items if not (skip and it.advantage == 0.0)]
+        batches = [learner._collate([active[i] for i in idx]) for idx in learner._micro_batches(active)]
+        refs: list[torch.Tensor | None] = [None] * len(batches)
+        if self.needs_reference:
+            learner.model.eval()
+            with torch.no_grad(), learner._reference() as ref:
+                refs = [learner._token_logprobs(ref, b) for b in batches]
+            learner.model.train()
+
+        hi = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+        sums = dict.fromkeys(("loss", "pg_loss", "kl", "clip", "ratio", "approx_kl_old", "counted"), 0.0)
+
+        def loss_fn(lp: torch.Tensor, batch: Batch, ref_lp: torch.Tensor | None) -> torch.Tensor:
+            m, adv = batch.mask, batch.advantages
+            t = grpo_loss(lp, batch.old_logprobs, adv, m, total, cfg.clip_eps, cfg.clip_eps_high, ref_lp, cfg.kl_coef)
+            with torch.no_grad():
+                if t.kl is not None:
+                    sums["kl"] += float((t.kl * m).sum())
+                sums["loss"] += float(t.loss)
+                sums["pg_loss"] += float((t.pg * m).sum())
+                clipped = ((t.ratio < 1.0 - cfg.clip_eps) & (adv < 0)) | ((t.ratio > 1.0 + hi) & (adv > 0))
+                sums["clip"] += float((clipped.float() * m).sum())
+                sums["ratio"] += float((t.ratio * m).sum())
+                sums["approx_kl_old"] += float((0.5 * t.log_ratio**2 * m).sum())
+                sums["counted"] += float(m.sum())
+            return t.loss
+
+        steps, grad_norm, forwarded = 0, 0.0, 0
+        for _ in range(cfg.epochs if batches else 0):
+            stepped, grad_norm, fwd = learner.step_on(batches, loss_fn, refs)
+            steps += int(stepped)
+            forwarded += fwd
+        denom = max(sums["counted"], 1.0)
+        metrics.update(
+            loss=sums["loss"] / max(cfg.epochs, 1),
+            pg_loss=sums["pg_loss"] / denom,
+            kl=sums["kl"] / denom,
+            clip_frac=sums["clip"] / denom,
+            ratio_mean=sums["ratio"] / denom,
+            approx_kl_old=sums["approx_kl_old"] / denom,
+            grad_norm=grad_norm,
+            optimizer_steps=float(steps),
+            forwarded_tokens=float(forwarded),
+        )
+        metrics = _finish(learner, "GRPO", metrics, t0, forwarded)
+        metrics["response_tokens_per_s"] = sums["counted"] / metrics["time_s"] if metrics["time_s"] > 0 else 0.0
+        return metrics
+
+
+class SFTObjective:
+    """Imitation: `config.epochs` passes over the transitions in shuffled batches of
+    `config.batch_size`, one optimizer step each (settings read from an SFTConfig). Scores under
+    temperature 1: imitation maximises the plain likelihood."""
+
+    temperature = 1.0
+    needs_reference = False
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self._rng = random.Random(config.seed)  # one stream across updates: each update shuffles anew
+
+    def run(self, learner: Any, items: Sequence[Item], t0: float) -> dict[str, float]:
+        items = [it for it in items if sum(it.mask) > 0]
+        metrics: dict[str, float] = {"transitions": float(len(items))}
+        if not items:
+            log.warning("SFT update skipped: no trainable tokens")
+            return {**metrics, "optimizer_steps": 0.0, "trained_tokens": 0.0}
+        epochs, batch_size = self.config.epochs, self.config.batch_size
+        losses: list[float] = []
+        steps, tokens, forwarded = 0, 0.0, 0
+        for _ in range(max(1, epochs)):
+            order = list(range(len(items)))
+            self._rng.shuffle(order)
+            for start in range(0, len(order), max(1, batch_size)):
+                chunk = [items[i] for i in order[start : start + batch_size]]
+                total = sum(sum(it.mask) for it in chunk)
+                loss_sum = [0.0]
+
+                def loss_fn(
+                    lp: torch.Tensor, batch: Batch, _ref: Any, total: float = total, acc: list[float] = loss_sum
+                ) -> torch.Tensor:
+                    loss = sft_loss(lp, batch.mask, total)
+                    acc[0] += float(loss.detach())
+                    return loss
+
+                batches = [learner._collate([chunk[i] for i in idx]) for idx in learner._micro_batches(chunk)]
+                stepped, _, fwd = learner.step_on(batches, loss_fn)
+                forwarded += fwd
+                if not stepped:
+                    continue
+                steps += 1
+                tokens += total
+                losses.append(loss_sum[0])
+        metrics.update(
+            loss=losses[-1] if losses else float("nan"),
+            first_loss=losses[0] if losses else float("nan"),
+            optimizer_steps=float(steps),
+            trained_tokens=tokens / max(1, epochs),
+        )
+        return _finish(learner, "SFT", metrics, t0, forwarded)
