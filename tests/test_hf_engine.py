@@ -272,3 +272,11 @@ def test_prefix_cache_lru_supersede_and_views():
     assert cache.tokens == 9
     cache.clear()
     assert len(cache) == 0 and cache.tokens == 0
+
+
+async def test_token_text_names_each_token(engine):
+    """Logprobs entries in the gateway carry each token's text, through the Engine interface."""
+    res = await engine.chat(_req())
+    ids = res.choices[0].response_ids
+    assert "".join(engine.token_text(i) for i in ids) == engine.tokenizer.decode(ids)
+    assert any(engine.token_text(i) for i in ids)

@@ -147,6 +147,7 @@ async def test_chat_without_ids_tokenizes_locally():
     assert choice.response_ids == tok("Paris is the capital.", add_special_tokens=False)["input_ids"]
     # 5 server logprobs cannot be aligned with a different number of local ids: dropped, not misaligned
     assert len(choice.logprobs) in (0, len(choice.response_ids))
+    assert "".join(eng.token_text(i) for i in choice.response_ids) == "Paris is the capital."
 
 
 @pytest.mark.parametrize("one_read", [False, True])

@@ -103,6 +103,9 @@ class TransformersEngine(Engine):
         """The main model."""
         return self.weights.main.model
 
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
     def render(self, request: ChatRequest) -> RenderedPrompt:
         return self.chat_template.render(request.messages, request.tools or None)
 

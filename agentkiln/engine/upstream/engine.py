@@ -79,6 +79,9 @@ class UpstreamEngine(Engine):
     def agent_versions(self) -> dict[str, str]:
         return {agent: self.version_for(agent) for agent in self.agent_models}
 
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+
     def _body(self, request: ChatRequest, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.agent_models.get(request.agent or "") or request.model or self.model_name,
