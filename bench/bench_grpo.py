@@ -13,8 +13,8 @@ TRL takes old logprobs = detached current ones (no extra pass), like our recorde
 path. The optimizer step (trainer.create_optimizer(), AdamW, lr 1e-5) and clipping are done
 by hand after training_step, as Trainer's loop would.
 
-Contenders: GRPOLearner as configured by default (tree-packed micro-batch: the group's prompt
-runs once, no padding), GRPOLearner with every row run in full (share_prompt=False: packed
+Contenders: the learner as configured by default (tree-packed micro-batch: the group's prompt
+runs once, no padding), the learner with every row run in full (share_prompt=False: packed
 without padding, but each row's prompt is computed again: the tokens TRL computes, less its
 padding), TRL with bf16 autocast and TRL in fp32. Like-for-like = same batch, same precision
 (ours bf16 autocast vs TRL bf16). "tok/s" counts prompt + completion tokens of every row for
@@ -201,7 +201,7 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=12)
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--trl", choices=("both", "bf16", "fp32", "none"), default="both", help="TRL precision(s) to time")
-    ap.add_argument("--ours-fp32", action="store_true", help="also time GRPOLearner without autocast")
+    ap.add_argument("--ours-fp32", action="store_true", help="also time the learner without autocast")
     ap.add_argument("--compare-git", metavar="REV", help="also time the learner as of this git revision")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     a = ap.parse_args()

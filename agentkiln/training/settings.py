@@ -12,7 +12,7 @@ import collections.abc
 import dataclasses
 import json
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 _TRUE, _FALSE, _NONE = ("1", "true", "yes", "on"), ("0", "false", "no", "off"), ("none", "null")
@@ -34,16 +34,6 @@ def _structured(hint: Any) -> Any:
         if isinstance(t, type) and (dataclasses.is_dataclass(t) or hasattr(t, "model_fields")):
             return t
     return None
-
-
-def field_names(cls: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Every settable dotted name of `cls` with its annotation, nested configurations expanded."""
-    for name, hint in _field_types(cls).items():
-        nested = _structured(hint)
-        if nested is not None:
-            yield from field_names(nested, f"{prefix}{name}.")
-        else:
-            yield prefix + name, hint
 
 
 def coerce(text: str, hint: Any) -> Any:
