@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agentkiln.protocol import AGENT_NAME_PATTERN, SpanAttrs, SpanNames  # noqa: F401  (re-exported)
+from agentkiln.protocol import AGENT_NAME_PATTERN
 
 # Upper bounds that keep one bad client from filling the store or the server's memory.
 MAX_INPUT_BYTES = 1_000_000

@@ -48,10 +48,6 @@ def serve_ours(store_url: str, port: int, mock_url: str) -> None:
     """`kiln serve` with an upstream engine on the mock (warning log level: no access log)."""
     from agentkiln.server.serve import serve_async
 
-    if os.environ.get("KILN_BENCH_UPSTREAM_HTTPX"):  # "before" figures: UpstreamEngine forwarding with httpx
-        from agentkiln.engine import upstream
-
-        upstream._direct_http = lambda base_url: False
     if os.environ.get("KILN_BENCH_UVLOOP"):  # what `kiln serve` would gain on uvloop
         import uvloop
 
@@ -60,7 +56,8 @@ def serve_ours(store_url: str, port: int, mock_url: str) -> None:
 
 
 async def client_ours(url: str, rollouts: int, runners: int, calls: int) -> dict:
-    from agentkiln.models import AttemptStatus, SpanAttrs, SpanIn, SpanNames
+    from agentkiln.models import AttemptStatus, SpanIn
+    from agentkiln.protocol import SpanAttrs, SpanNames
     from agentkiln.store.client import HttpStore
 
     store = HttpStore(url)

@@ -16,7 +16,8 @@ from agentkiln.engine.embedded import TransformersEngine
 from agentkiln.engine.embedded.prefix_cache import PrefixCache
 from agentkiln.engine.model_files import load_model, tiny_model_dir
 from agentkiln.engine.upstream import UpstreamEngine
-from agentkiln.models import LLMEndpoint, ResourcesIn, SpanAttrs, SpanNames
+from agentkiln.models import LLMEndpoint, ResourcesIn
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.runner.runner import Runner
 from agentkiln.server.app import create_app
 from agentkiln.server.serve import ServerThread

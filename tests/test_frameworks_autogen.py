@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agentkiln.engine.base import ChatRequest
-from agentkiln.models import FailureKind, SpanAttrs
+from agentkiln.models import FailureKind
+from agentkiln.protocol import SpanAttrs
 from examples import autogen_team
 from tests.gateway_fakes import ScriptedEngine
 from tests.test_frameworks_common import (

@@ -14,15 +14,8 @@ from typing import Any
 
 from agentkiln.engine.base import ChatRequest, Engine
 from agentkiln.engine.chat.tool_parsers.hermes import parse_tool_calls
-from agentkiln.models import (
-    Attempt,
-    LLMEndpoint,
-    ResourcesIn,
-    Rollout,
-    Span,
-    SpanAttrs,
-    SpanNames,
-)
+from agentkiln.models import Attempt, LLMEndpoint, ResourcesIn, Rollout, Span
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.runner.runner import Runner
 from agentkiln.runner.worker import WorkerConfig
 from agentkiln.server.app import create_app

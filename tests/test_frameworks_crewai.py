@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from agentkiln.engine.base import ChatRequest
-from agentkiln.models import FailureKind, LLMEndpoint, ResourcesIn, SpanAttrs
+from agentkiln.models import FailureKind, LLMEndpoint, ResourcesIn
+from agentkiln.protocol import SpanAttrs
 from agentkiln.store.client import HttpStore
 from tests.gateway_fakes import ScriptedEngine
 from tests.test_frameworks_common import (

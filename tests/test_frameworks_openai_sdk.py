@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agentkiln.models import FailureKind, SpanAttrs
+from agentkiln.models import FailureKind
+from agentkiln.protocol import SpanAttrs
 from examples import openai_sdk_agent
 from tests.gateway_fakes import ScriptedEngine
 from tests.test_frameworks_common import assert_continues, assert_recorded, serving, solver_policy

@@ -10,7 +10,7 @@ import pytest
 
 from agentkiln.adapter.transitions import build_transitions
 from agentkiln.engine.factory import build_engine
-from agentkiln.models import SpanAttrs
+from agentkiln.protocol import SpanAttrs
 from examples import langgraph_react
 from tests.test_frameworks_common import serving
 

@@ -6,7 +6,8 @@ import httpx
 import openai
 import pytest
 
-from agentkiln.models import AttemptStatus, FailureKind, SpanAttrs, SpanNames
+from agentkiln.models import AttemptStatus, FailureKind
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.store.memory import InMemoryStore
 from tests.gateway_fakes import ScriptedEngine, ServedApp, gateway_app
 

@@ -9,8 +9,7 @@ import openai
 import pytest
 
 from agentkiln.gateway.recording import resolve_agent_name
-from agentkiln.protocol import SpanAttrs
-from agentkiln.models import SpanAttrs, SpanNames
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.store.memory import InMemoryStore
 from tests.gateway_fakes import ScriptedEngine, ServedApp, decode, gateway_app
 

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from agentkiln.engine.base import ChatRequest
-from agentkiln.models import SpanAttrs, SpanNames
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.store.memory import InMemoryStore
 from tests.gateway_fakes import ScriptedEngine, ServedApp, gateway_app, tool_call_text
 

@@ -11,7 +11,8 @@ import torch
 import agentkiln as kiln
 from agentkiln.algorithms.grpo import GRPO, GRPOConfig, LoraSettings
 from agentkiln.engine.model_files import tiny_model_dir
-from agentkiln.models import RolloutMode, SpanAttrs, SpanNames
+from agentkiln.models import RolloutMode
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.store import open_store
 from agentkiln.trainer import Trainer
 

@@ -13,7 +13,8 @@ from agentkiln.algorithms.grpo import GRPOConfig, LoraSettings
 from agentkiln.algorithms.offline import OfflineConfig, select_training_data, train_offline
 from agentkiln.algorithms.sft import SFTConfig
 from agentkiln.engine.model_files import load_tokenizer, tiny_model_dir
-from agentkiln.models import AttemptStatus, RolloutMode, SpanAttrs, SpanIn, SpanNames, Transition
+from agentkiln.models import AttemptStatus, RolloutMode, SpanIn, Transition
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.store import open_store
 from agentkiln.training.learner import Learner as GRPOLearner
 from agentkiln.training.trace import load_traces_from

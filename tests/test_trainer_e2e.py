@@ -9,7 +9,7 @@ from agentkiln.algorithms.grpo import GRPO, GRPOConfig, LoraSettings
 from agentkiln.demo.agent import calculator_agent
 from agentkiln.demo.tasks import make_tasks
 from agentkiln.engine.model_files import tiny_model_dir
-from agentkiln.models import SpanNames
+from agentkiln.protocol import SpanNames
 from agentkiln.store import open_store
 from agentkiln.trainer import Trainer
 

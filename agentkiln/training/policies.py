@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agentkiln.models import AGENT_NAME_PATTERN, LLMEndpoint
+from agentkiln.models import LLMEndpoint
+from agentkiln.protocol import AGENT_NAME_PATTERN
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best"

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agentkiln.models import PromptTemplate, SpanNames
-from agentkiln.protocol import LLMCall
+from agentkiln.models import PromptTemplate
+from agentkiln.protocol import LLMCall, SpanNames
 from agentkiln.training.trace import Trace
 
 CRITIQUE_SYSTEM = "You review instructions given to an AI agent and explain briefly why the agent failed."
