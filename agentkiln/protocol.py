@@ -175,20 +175,12 @@ LLM_ONLY_PREFIX = "kiln.llm."  # attributes only the gateway may write
 # --------------------------------------------------------------------------- one LLM call
 
 
-def _int_list(value: Any) -> Optional[list[int]]:
+def _numbers(value: Any, kind: type) -> Optional[list[Any]]:
+    """`value` as a list of `kind` (int or float), or None when it is not a list of numbers."""
     if not isinstance(value, (list, tuple)):
         return None
     try:
-        return [int(x) for x in value]
-    except (TypeError, ValueError):
-        return None
-
-
-def _float_list(value: Any) -> Optional[list[float]]:
-    if not isinstance(value, (list, tuple)):
-        return None
-    try:
-        return [float(x) for x in value]
+        return [kind(x) for x in value]
     except (TypeError, ValueError):
         return None
 
@@ -251,7 +243,7 @@ class LLMCall(BaseModel):
     @classmethod
     def from_attributes(cls, attrs: dict[str, Any]) -> LLMCall:
         raw_lp = attrs.get(SpanAttrs.response_logprobs)
-        logprobs = _float_list(raw_lp)
+        logprobs = _numbers(raw_lp, float)
         request = attrs.get(SpanAttrs.request)
         response = attrs.get(SpanAttrs.response)
         api = attrs.get(SpanAttrs.api)
@@ -267,8 +259,8 @@ class LLMCall(BaseModel):
             model_version=_opt_str(attrs.get(SpanAttrs.model_version)),
             request=request if isinstance(request, dict) else {},
             response=response if isinstance(response, dict) else None,
-            prompt_ids=_int_list(attrs.get(SpanAttrs.prompt_token_ids)),
-            response_ids=_int_list(attrs.get(SpanAttrs.response_token_ids)),
+            prompt_ids=_numbers(attrs.get(SpanAttrs.prompt_token_ids), int),
+            response_ids=_numbers(attrs.get(SpanAttrs.response_token_ids), int),
             logprobs=logprobs,
             logprobs_valid=raw_lp is None or logprobs is not None,
             finish_reason=_opt_str(attrs.get(SpanAttrs.finish_reason)),

@@ -13,15 +13,7 @@ from agentkiln.engine.chat import template_for
 from agentkiln.engine.chat.hf_template import HFChatTemplate
 from agentkiln.engine.chat.smollm2 import SmolLM2Template, render_prompt
 from agentkiln.engine.model_files import load_tokenizer, tiny_model_dir
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
+from tests.test_chat_format import WEATHER
 
 # A Hermes/Qwen-style template (tools in the system turn, calls as <tool_call> JSON), no SmolLM in it.
 HERMES_TEMPLATE = (

@@ -126,8 +126,10 @@ def load_tokenizer(path: str | Path):
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32"):
     """Load a causal LM for inference (eval mode)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise in servers and the demo
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
     model.eval()
     return model

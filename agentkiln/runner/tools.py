@@ -7,7 +7,7 @@ import functools
 import inspect
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.runner import emit
@@ -42,6 +42,14 @@ def tool(fn: F | None = None, *, name: str | None = None, timeout_s: float | Non
                 return ToolTimeout(f"tool {tool_name!r} timed out: {exc}")
             return ToolError(f"tool {tool_name!r} failed: {exception_type_name(exc)}: {exc}")
 
+        def fail(exc: Exception, args: tuple, kwargs: dict, start: float) -> NoReturn:
+            """Record the failed call, then raise it as a tool failure (the original as its cause)."""
+            err = convert(exc)
+            _record_tool_span(tool_name, args, kwargs, start, err)
+            if err is exc:
+                raise exc
+            raise err from exc
+
         if inspect.iscoroutinefunction(f):
 
             @functools.wraps(f)
@@ -53,11 +61,7 @@ def tool(fn: F | None = None, *, name: str | None = None, timeout_s: float | Non
                     else:
                         result = await f(*args, **kwargs)
                 except Exception as exc:
-                    err = convert(exc)
-                    _record_tool_span(tool_name, args, kwargs, start, err)
-                    if err is exc:
-                        raise
-                    raise err from exc
+                    fail(exc, args, kwargs, start)
                 _record_tool_span(tool_name, args, kwargs, start, None)
                 return result
 
@@ -69,11 +73,7 @@ def tool(fn: F | None = None, *, name: str | None = None, timeout_s: float | Non
             try:
                 result = f(*args, **kwargs)
             except Exception as exc:
-                err = convert(exc)
-                _record_tool_span(tool_name, args, kwargs, start, err)
-                if err is exc:
-                    raise
-                raise err from exc
+                fail(exc, args, kwargs, start)
             _record_tool_span(tool_name, args, kwargs, start, None)
             return result
 

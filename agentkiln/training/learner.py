@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,9 @@ class Learner:
                 target_modules=list(cfg.lora.target_modules),
                 task_type="CAUSAL_LM",
             )
-            self.model = get_peft_model(base, lora)
+            with warnings.catch_warnings():  # peft probes a transformers property deprecated in 5.x
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self.model = get_peft_model(base, lora)
             if cfg.bf16:
                 _frozen_linears_to(base, low)
                 for m in self.model.modules():  # autocast casts inputs; peft's cast would add copies
