@@ -54,7 +54,7 @@ def hf_sequential(engine: TransformersEngine, reqs: list[ChatRequest], new_token
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     engine = TransformersEngine(smollm2_dir(), dtype=args.dtype, max_batch_size=args.concurrency)

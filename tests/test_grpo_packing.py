@@ -13,6 +13,7 @@ from agentkiln.algorithms.grpo import GRPOConfig
 from agentkiln.engine.model_files import load_model, tiny_model_dir
 from agentkiln.models import Transition
 from agentkiln.training import head as head_module
+from agentkiln.training import learner as learner_mod
 from agentkiln.training import packing as grpo_module
 from agentkiln.training import packing as packing_module
 from agentkiln.training.head import chosen_logprobs
@@ -193,9 +194,10 @@ def test_falls_back_to_padding_when_attention_cannot_be_switched(tiny: Path, mon
     assert not enable_tree_attention(eager)
 
 
-def test_bf16_weights_and_packing_keep_the_numbers(tiny: Path) -> None:
+def test_bf16_weights_and_packing_keep_the_numbers(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 LoRA learner: frozen decoder Linears are stored in bf16, giving exactly what autocast
     gives with fp32 weights; packed and padded agree to bf16 precision."""
+    monkeypatch.setattr(learner_mod, "bf16_is_fast", lambda device_type: True)  # the bf16 path, on any CPU
     ts = mixed_batch(seed=3)
     learner = make_learner(tiny, bf16=True)
     base_linears = [m for n, m in learner.model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]

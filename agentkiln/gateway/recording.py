@@ -93,17 +93,7 @@ def spans_for_result(
             parse_error=choice.parse_error,
             choice_index=choice.index,
         ).attributes()
-        spans.append(
-            SpanIn(
-                rollout_id=ctx.rollout_id,
-                attempt_id=ctx.attempt_id,
-                name=SpanNames.llm_call,
-                start_time=ctx.start_time,
-                end_time=end_time,
-                attributes=attrs,
-                status=SpanStatus(code="OK"),
-            )
-        )
+        spans.append(_span(ctx, attrs, end_time, SpanStatus(code="OK")))
     return spans
 
 
@@ -118,6 +108,10 @@ def span_for_error(ctx: CallContext, exc: BaseException, end_time: float, model_
             SpanAttrs.exception_stack: "".join(traceback.format_exception(exc))[-8000:],
         }
     )
+    return _span(ctx, attrs, end_time, SpanStatus(code="ERROR", description=f"{type(exc).__name__}: {exc}"[:1000]))
+
+
+def _span(ctx: CallContext, attrs: dict[str, Any], end_time: float, status: SpanStatus) -> SpanIn:
     return SpanIn(
         rollout_id=ctx.rollout_id,
         attempt_id=ctx.attempt_id,
@@ -125,5 +119,5 @@ def span_for_error(ctx: CallContext, exc: BaseException, end_time: float, model_
         start_time=ctx.start_time,
         end_time=end_time,
         attributes=attrs,
-        status=SpanStatus(code="ERROR", description=f"{type(exc).__name__}: {exc}"[:1000]),
+        status=status,
     )

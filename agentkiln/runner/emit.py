@@ -165,24 +165,24 @@ def emit_reward(value: RewardValue, *, name: str = "primary", final: bool = True
     return span
 
 
-def emit_message(text: str) -> SpanIn | None:
-    """Record a free-text log line in the trace (shown by `kiln dev` and the dashboard)."""
-    ctx = _ctx_or_warn("emit_message")
+def _emit_buffered(what: str, name: str, attrs: dict[str, Any]) -> SpanIn | None:
+    ctx = _ctx_or_warn(what)
     if ctx is None:
         return None
-    span = _span(ctx, SpanNames.message, {SpanAttrs.message_text: str(text)})
+    span = _span(ctx, name, attrs)
     _add(ctx, span, urgent=False)
     return span
+
+
+def emit_message(text: str) -> SpanIn | None:
+    """Record a free-text log line in the trace (shown by `kiln dev` and the dashboard)."""
+    return _emit_buffered("emit_message", SpanNames.message, {SpanAttrs.message_text: str(text)})
 
 
 def emit_object(obj: Any) -> SpanIn | None:
     """Record any (JSON-convertible) object in the trace: parsed answers, tool results, state."""
-    ctx = _ctx_or_warn("emit_object")
-    if ctx is None:
-        return None
-    span = _span(ctx, SpanNames.object, {SpanAttrs.object_value: to_jsonable(obj), SpanAttrs.object_type: type(obj).__name__})
-    _add(ctx, span, urgent=False)
-    return span
+    attrs = {SpanAttrs.object_value: to_jsonable(obj), SpanAttrs.object_type: type(obj).__name__}
+    return _emit_buffered("emit_object", SpanNames.object, attrs)
 
 
 def exception_span(ctx: context.AttemptContext, exc: BaseException, kind: FailureKind | None) -> SpanIn:

@@ -13,8 +13,8 @@ from typing import Any, AsyncIterator, Iterable
 
 from fastapi import FastAPI
 
-from agentkiln.gateway.router import install_gateway
 from agentkiln.engine.weight_sync import ModelSync
+from agentkiln.gateway.router import install_gateway
 from agentkiln.server.engine_routes import build_engine_status_router
 from agentkiln.server.errors import (
     ApiKeyMiddleware,

@@ -118,6 +118,19 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body larger than {limit} bytes")
 
 
+class _ResponseWatch:
+    """Wraps an ASGI `send` to tell whether the response has started (then no error body can follow)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 class BodyLimitMiddleware:
     """413 on a declared Content-Length over the limit, and on streamed (chunked) bodies that grow past it."""
 
@@ -141,7 +154,7 @@ class BodyLimitMiddleware:
                     await _send_error(send, 413, "PayloadTooLarge", f"request body larger than {limit} bytes")
                     return
         received = 0
-        started = False
+        response = _ResponseWatch(send)
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -152,17 +165,11 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge(limit)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, response.send)
         except BodyTooLarge:
             # A route that read the body outside FastAPI's handler chain (raw ASGI) lands here.
-            if not started:
+            if not response.started:
                 await _send_error(send, 413, "PayloadTooLarge", f"request body larger than {limit} bytes")
 
 
@@ -219,18 +226,11 @@ class UnexpectedErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        response = _ResponseWatch(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, response.send)
         except Exception as exc:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if started:
+            if response.started:
                 raise
             await _send_error(send, 500, "InternalError", f"{type(exc).__name__}: {exc}")

@@ -40,12 +40,17 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EnqueueBody(_Body):
-    input: Any = None
+class _RolloutFields(_Body):
+    """What a client may set on a rollout, when enqueueing it and later."""
+
     mode: Optional[RolloutMode] = None
     resources_id: Optional[str] = None
     config: Optional[RolloutConfig] = None
     metadata: Optional[dict[str, Any]] = None
+
+
+class EnqueueBody(_RolloutFields):
+    input: Any = None
 
 
 class EnqueueBatchBody(_Body):
@@ -60,12 +65,8 @@ class StartBody(EnqueueBody):
     worker_id: Optional[str] = None
 
 
-class UpdateRolloutBody(_Body):
+class UpdateRolloutBody(_RolloutFields):
     status: Optional[RolloutStatus] = None
-    mode: Optional[RolloutMode] = None
-    resources_id: Optional[str] = None
-    config: Optional[RolloutConfig] = None
-    metadata: Optional[dict[str, Any]] = None
 
 
 class WaitBody(_Body):

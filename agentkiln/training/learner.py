@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from agentkiln.hardware import bf16_is_fast
 from agentkiln.models import Transition
 from agentkiln.training import packing
 from agentkiln.training.config import LearnerConfig
@@ -90,6 +91,8 @@ class Learner:
         self.loss = loss if loss is not None else cfg.objective()
         self.device = resolve_device(cfg.device)
         low = amp_dtype(self.device)
+        # Reduced precision only where it is fast: emulated bf16 is ~60x slower than fp32 (agentkiln.hardware).
+        self.amp = cfg.bf16 and (low != torch.bfloat16 or bf16_is_fast(self.device.type))
         base = load_model(self.model_dir, "float32").to(self.device)
         self.pad_id = int(base.config.pad_token_id if base.config.pad_token_id is not None else 0)
         self.ref_model: torch.nn.Module | None = None
@@ -106,7 +109,7 @@ class Learner:
             with warnings.catch_warnings():  # peft probes a transformers property deprecated in 5.x
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self.model = get_peft_model(base, lora)
-            if cfg.bf16:
+            if self.amp:
                 _frozen_linears_to(base, low)
                 for m in self.model.modules():  # autocast casts inputs; peft's cast would add copies
                     if hasattr(m, "cast_input_dtype_enabled"):
@@ -116,7 +119,7 @@ class Learner:
             if self.loss.needs_reference:
                 self.ref_model = load_model(self.model_dir, "float32").to(self.device)
                 self.ref_model.requires_grad_(False)
-                if cfg.bf16:
+                if self.amp:
                     _frozen_linears_to(self.ref_model, low)
         self.model.train()
         models = (base, self.ref_model)
@@ -155,7 +158,7 @@ class Learner:
         if batch.layout is not None and not self._tree:  # packed by a caller, model cannot run it
             batch = packing.collate(batch.items, self.pad_id, self.config.share_prompt, pack=False)
         batch = batch.to(self.device)
-        with autocast(self.device, enabled=self.config.bf16):
+        with autocast(self.device, enabled=self.amp):
             if batch.layout is not None:
                 lay = batch.layout
                 hidden = decoder(

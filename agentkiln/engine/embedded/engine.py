@@ -27,6 +27,7 @@ from agentkiln.engine.embedded.sequence import SeqOutput, Sequence
 from agentkiln.engine.embedded.weights import WeightSets
 from agentkiln.engine.errors import EngineRequestError
 from agentkiln.engine.model_files import load_model, load_tokenizer
+from agentkiln.hardware import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class TransformersEngine(Engine):
         model_dir: str | Path,
         *,
         model_name: str = "smollm2-135m-instruct",
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         max_batch_size: int = 8,
         device: str = "cpu",
         num_threads: int | None = None,
@@ -51,11 +52,12 @@ class TransformersEngine(Engine):
         chat_template: ChatTemplate | None = None,
     ) -> None:
         """`prefix_cache_tokens=0` disables prefix caching (SmolLM2-135M KV: ~23 KB per token in bf16);
-        `chat_template=None` picks the model's (SmolLM2's format for SmolLM2, else its own Jinja template)."""
+        `chat_template=None` picks the model's (SmolLM2's format for SmolLM2, else its own Jinja template);
+        `dtype="auto"` is bf16 where the device has bf16 matrix units, else fp32 (agentkiln.hardware)."""
         self.model_name = model_name
         self.model_dir = Path(model_dir)
-        self.dtype = getattr(torch, dtype)
         self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device.type)
         self.max_batch_size = max_batch_size
         if self.device.type == "cpu":
             # Intra-op threads are process-wide; use every core but never oversubscribe.
