@@ -50,8 +50,8 @@ from agentkiln.models import Transition
 from agentkiln.training.learner import Learner as GRPOLearner
 
 log = logging.getLogger("bench_grpo")
-SHARED = "agentkiln bf16 (default, packed)"
-PER_ROW = "agentkiln bf16 every row in full"
+SHARED = "agentkiln default (packed; bf16 where fast)"
+PER_ROW = "agentkiln default, every row in full"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--ours-fp32", action="store_true", help="also time the learner without autocast")
     ap.add_argument("--compare-git", metavar="REV", help="also time the learner as of this git revision")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--skip-old-bf16", action="store_true", help="with --compare-git: time the old learner in fp32 only")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore")
@@ -228,8 +229,11 @@ def main() -> None:
         contenders.append(("agentkiln fp32 shared-prompt", ours_step(*batch, False)))
     if a.compare_git:
         old = learner_at(a.compare_git)
-        contenders.append((f"agentkiln@{a.compare_git} bf16 shared", ours_step(*batch, True, share=True, module=old)))
-        contenders.append((f"agentkiln@{a.compare_git} bf16 per-row", ours_step(*batch, True, share=False, module=old)))
+        before = f"agentkiln@{a.compare_git}"
+        if not a.skip_old_bf16:  # on CPUs without bf16 units the old learner's bf16 is emulated (~60x slower)
+            contenders.append((f"{before} bf16 shared", ours_step(*batch, True, share=True, module=old)))
+            contenders.append((f"{before} bf16 per-row", ours_step(*batch, True, share=False, module=old)))
+        contenders.append((f"{before} fp32 shared", ours_step(*batch, False, share=True, module=old)))
     for precision in ("bf16", "fp32"):
         if a.trl in ("both", precision):
             contenders.append(
@@ -250,6 +254,8 @@ def main() -> None:
         print(
             f"{name:32s} step {med:6.2f} s (median of {len(ts)}: {', '.join(f'{t:.2f}' for t in ts)})  {tokens / med:7.1f} tok/s  {resp / med:6.1f} response tok/s"
         )
+    for name in [n for n in medians if n.startswith("agentkiln@")]:
+        print(f"RATIO grpo_update {SHARED} / {name}: {medians[name] / medians[SHARED]:.2f}x")
     # Ratios of tokens/s (= inverse ratio of step times), each of ours over each TRL precision.
     # Like-for-like = same batch and same precision (bf16 autocast on both sides).
     for trl in [n for n in medians if n.startswith("TRL")]:

@@ -14,12 +14,17 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
+
+# peft (0.21) probes `is_gradient_checkpointing`, which transformers 5.x deprecates with a
+# FutureWarning on every LoRA load: noise for our users, nothing they can act on.
+warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SUBDIR = "smollm2-135m-instruct"

@@ -31,7 +31,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,9 +105,7 @@ class Learner:
                 target_modules=list(cfg.lora.target_modules),
                 task_type="CAUSAL_LM",
             )
-            with warnings.catch_warnings():  # peft probes a transformers property deprecated in 5.x
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                self.model = get_peft_model(base, lora)
+            self.model = get_peft_model(base, lora)
             if self.amp:
                 _frozen_linears_to(base, low)
                 for m in self.model.modules():  # autocast casts inputs; peft's cast would add copies
