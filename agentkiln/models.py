@@ -11,9 +11,9 @@ import string
 import time
 import uuid
 from enum import Enum
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from agentkiln.protocol import AGENT_NAME_PATTERN
 
@@ -21,6 +21,20 @@ from agentkiln.protocol import AGENT_NAME_PATTERN
 MAX_INPUT_BYTES = 1_000_000
 MAX_ATTRIBUTES_BYTES = 4_000_000
 MAX_NAME_LENGTH = 512
+
+
+# The largest page offset any store accepts (SQLite integers are 64-bit; no store holds more rows).
+MAX_OFFSET = 2**62
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # JSON true/false is not a number, whatever Python says
+        raise ValueError("a number is required, not a boolean")
+    return value
+
+
+# A finite float that JSON booleans do not pass for (pydantic's lax mode would turn false into 0.0).
+Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
 
 
 def new_id(prefix: str) -> str:
@@ -100,8 +114,8 @@ class RolloutMode(str, Enum):
 
 
 class RolloutConfig(_Wire):
-    timeout_s: Optional[float] = Field(default=None, gt=0, description="wall-clock limit of one attempt")
-    unresponsive_s: Optional[float] = Field(
+    timeout_s: Optional[Number] = Field(default=None, gt=0, description="wall-clock limit of one attempt")
+    unresponsive_s: Optional[Number] = Field(
         default=None, gt=0, description="an attempt with no heartbeat/span for this long is unresponsive"
     )
     max_attempts: int = Field(default=1, ge=1, le=100)

@@ -279,3 +279,26 @@ def test_unowned_store_stays_open() -> None:
     with ServerThread(create_app(store, sweep_interval_s=0)):
         pass
     assert not store.closed
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        # found by schemathesis as 500s (issue 13): an omitted input is a null input, not a crash
+        ("POST", "/api/v1/rollouts", {}, 200),
+        ("POST", "/api/v1/rollouts/batch", {"items": [{}]}, 200),
+        ("POST", "/api/v1/rollouts/start", {}, 200),
+        ("POST", "/api/v1/rollouts", {"resources_id": ""}, 422),
+        ("GET", "/api/v1/rollouts?offset=99999999999999999999999", None, 422),
+        ("GET", "/api/v1/rollouts/ro-x/spans?offset=99999999999999999999999", None, 422),
+        # schema-violating bodies that were accepted: JSON booleans are not numbers
+        ("POST", "/api/v1/check-timeouts", {"now": False}, 422),
+        ("POST", "/api/v1/rollouts/wait", {"rollout_ids": [], "timeout": False}, 422),
+        ("POST", "/api/v1/rollouts", {"input": 1, "config": {"timeout_s": True}}, 422),
+    ],
+)
+def test_inputs_that_broke_the_store_api(client: httpx.Client, method: str, path: str, body, status: int) -> None:
+    r = client.request(method, path, json=body)
+    assert r.status_code == status, r.text
+    if status >= 400:
+        assert r.json()["error"]["message"]

@@ -13,10 +13,12 @@ from fastapi import APIRouter, Body, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentkiln.models import (
+    MAX_OFFSET,
     Attempt,
     AttemptedRollout,
     AttemptError,
     AttemptStatus,
+    Number,
     Resources,
     ResourcesIn,
     Rollout,
@@ -44,7 +46,7 @@ class _RolloutFields(_Body):
     """What a client may set on a rollout, when enqueueing it and later."""
 
     mode: Optional[RolloutMode] = None
-    resources_id: Optional[str] = None
+    resources_id: Optional[str] = Field(default=None, min_length=1)
     config: Optional[RolloutConfig] = None
     metadata: Optional[dict[str, Any]] = None
 
@@ -71,7 +73,7 @@ class UpdateRolloutBody(_RolloutFields):
 
 class WaitBody(_Body):
     rollout_ids: list[str] = Field(max_length=MAX_BATCH)
-    timeout: Optional[float] = Field(default=None, ge=0, description=f"capped at {MAX_WAIT_S:g}s per request")
+    timeout: Optional[Number] = Field(default=None, ge=0, description=f"capped at {MAX_WAIT_S:g}s per request")
 
 
 class UpdateAttemptBody(_Body):
@@ -88,7 +90,7 @@ class WorkerHeartbeatBody(_Body):
 
 
 class CheckTimeoutsBody(_Body):
-    now: Optional[float] = None
+    now: Optional[Number] = None
 
 
 class Health(BaseModel):
@@ -102,6 +104,11 @@ def _store(request: Request) -> Store:
 def _set_fields(body: BaseModel) -> dict[str, Any]:
     """Keyword arguments for the store: only what the client sent, as model objects (not dicts)."""
     return {name: getattr(body, name) for name in body.model_fields_set}
+
+
+def _enqueue_fields(body: EnqueueBody) -> dict[str, Any]:
+    """A new rollout's arguments: `input` is always passed (absent in the body = null input)."""
+    return {"input": body.input, **_set_fields(body)}
 
 
 def _statuses(raw: Optional[list[str]]) -> Optional[list[RolloutStatus]]:
@@ -130,17 +137,17 @@ async def health() -> Health:
 
 @api.post("/rollouts", response_model=Rollout)
 async def enqueue_rollout(request: Request, body: EnqueueBody) -> Rollout:
-    return await _store(request).enqueue_rollout(**_set_fields(body))
+    return await _store(request).enqueue_rollout(**_enqueue_fields(body))
 
 
 @api.post("/rollouts/batch", response_model=list[Rollout])
 async def enqueue_rollouts(request: Request, body: EnqueueBatchBody) -> list[Rollout]:
-    return await _store(request).enqueue_rollouts([_set_fields(item) for item in body.items])
+    return await _store(request).enqueue_rollouts([_enqueue_fields(item) for item in body.items])
 
 
 @api.post("/rollouts/start", response_model=AttemptedRollout)
 async def start_rollout(request: Request, body: StartBody) -> AttemptedRollout:
-    return await _store(request).start_rollout(**_set_fields(body))
+    return await _store(request).start_rollout(**_enqueue_fields(body))
 
 
 @api.post("/rollouts/wait", response_model=list[Rollout])
@@ -161,7 +168,7 @@ async def query_rollouts(
     mode: Optional[RolloutMode] = None,
     rollout_id: Optional[list[str]] = Query(default=None),
     limit: int = Query(default=100, ge=0, le=MAX_BATCH),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ) -> list[Rollout]:
     return await _store(request).query_rollouts(
         status=_statuses(status), mode=mode, rollout_ids=rollout_id, limit=limit, offset=offset
@@ -216,7 +223,7 @@ async def query_spans(
     attempt_id: Optional[str] = None,
     name: Optional[str] = None,
     limit: int = Query(default=10_000, ge=0, le=100_000),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ) -> list[Span]:
     return await _store(request).query_spans(rollout_id, attempt_id=attempt_id, name=name, limit=limit, offset=offset)
 
@@ -233,7 +240,7 @@ async def add_resources(request: Request, body: ResourcesIn) -> Resources:
 async def query_resources(
     request: Request,
     limit: int = Query(default=100, ge=0, le=MAX_BATCH),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ) -> list[Resources]:
     return await _store(request).query_resources(limit=limit, offset=offset)
 

@@ -15,6 +15,7 @@ from typing import Any
 from agentkiln.models import (
     MAX_ATTRIBUTES_BYTES,
     MAX_INPUT_BYTES,
+    MAX_OFFSET,
     Attempt,
     AttemptError,
     AttemptStatus,
@@ -80,6 +81,8 @@ def dump_json(value: Any, *, limit: int, what: str) -> str:
 def check_page(limit: int, offset: int) -> None:
     if limit < 0 or offset < 0:
         raise ValidationError(f"limit and offset must be >= 0 (got limit={limit}, offset={offset})")
+    if offset > MAX_OFFSET:
+        raise ValidationError(f"offset must be <= {MAX_OFFSET} (got {offset})")
 
 
 # --------------------------------------------------------------------------- creation
