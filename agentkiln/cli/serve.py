@@ -28,14 +28,18 @@ def serve(
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001, help="Largest accepted request body."),
 ) -> None:
     """Serve the store API over HTTP so runners and trainers on other processes or hosts share it."""
+    from agentkiln.server.host_check import UnsafeBindError
     from agentkiln.server.serve import serve as run_server
 
     log.info("serving store %s on http://%s:%d (engine: %s)", store, host, port, engine)
-    run_server(
-        store,
-        host=host,
-        port=port,
-        api_key=api_key or None,
-        engine_spec=engine,
-        max_body_bytes=int(max_body_mb * 1_000_000),
-    )
+    try:
+        run_server(
+            store,
+            host=host,
+            port=port,
+            api_key=api_key or None,
+            engine_spec=engine,
+            max_body_bytes=int(max_body_mb * 1_000_000),
+        )
+    except UnsafeBindError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--host") from None

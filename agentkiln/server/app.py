@@ -22,6 +22,7 @@ from agentkiln.server.errors import (
     UnexpectedErrorMiddleware,
     install_error_handlers,
 )
+from agentkiln.server.host_check import TrustedHostMiddleware
 from agentkiln.server.idempotency import IdempotencyMiddleware, RecentSpans
 from agentkiln.server.otlp import build_otlp_router
 from agentkiln.server.store_routes import router as store_router
@@ -51,6 +52,7 @@ def create_app(
     public_paths: Iterable[str] = ("/health",),
     engine: Any = None,
     model_sync_interval_s: float = 0.25,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> FastAPI:
     """Build the server around `store`. sweep_interval_s <= 0 turns the background sweep off."""
 
@@ -88,4 +90,6 @@ def create_app(
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, public_paths=public_paths)
     app.add_middleware(UnexpectedErrorMiddleware)
+    if allowed_hosts is not None:  # outermost: a rebinding page's request never reaches a route
+        app.add_middleware(TrustedHostMiddleware, allowed=allowed_hosts)
     return app

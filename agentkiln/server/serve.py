@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from agentkiln.server.app import create_app
+from agentkiln.server.host_check import LOOPBACK_HOSTS, check_bind
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -78,17 +79,23 @@ async def serve_async(
     sweep_interval_s: float = 1.0,
     log_level: str = "info",
 ) -> None:
+    check_bind(host, api_key)  # before anything is opened: a refused start leaves nothing behind
     store = await open_store_async(store_url)
     try:
         engine = await build_engine_async(engine_spec)
     except BaseException:
         await store.close()
         raise
-    app = create_app(store, api_key=api_key, max_body_bytes=max_body_bytes, sweep_interval_s=sweep_interval_s)
+    app = create_app(
+        store,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        sweep_interval_s=sweep_interval_s,
+        # Without a key only loopback clients are trusted; with one the key is the check.
+        allowed_hosts=LOOPBACK_HOSTS if api_key is None else None,
+    )
     app.state.engine = engine
     own_resources(app, store, engine)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s without an API key: anyone who can reach it can read and write the store", host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
     # What start-up allocated (model, libraries, app) lives as long as the server: keep it out of
     # the garbage collector's full passes, which otherwise stall a request now and then.
