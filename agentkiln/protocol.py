@@ -189,6 +189,16 @@ def _opt_str(value: Any) -> Optional[str]:
     return None if value is None else str(value)
 
 
+def _function_calls(message: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """[(name, arguments), ...] of a chat message's tool calls (their random ids left out)."""
+    calls = []
+    for call in message.get("tool_calls") or []:
+        if isinstance(call, dict):
+            function = call.get("function") or {}
+            calls.append((function.get("name"), function.get("arguments")))
+    return calls
+
+
 class LLMCall(BaseModel):
     """One choice of one gateway call, as recorded on its `kiln.llm.call` span.
 
@@ -272,6 +282,11 @@ class LLMCall(BaseModel):
     def from_span(cls, span: Any) -> LLMCall:
         return cls.from_attributes(span.attributes or {})
 
+    @staticmethod
+    def agent_of(span: Any) -> Optional[str]:
+        """Just the calling agent's name, without parsing the token lists."""
+        return _opt_str((span.attributes or {}).get(SpanAttrs.agent_name))
+
     # ---- what readers want from the OpenAI bodies (parsed here, nowhere else)
 
     @property
@@ -290,11 +305,7 @@ class LLMCall(BaseModel):
         choices = body.get("choices")
         if isinstance(choices, list) and choices:
             msg = (choices[0] or {}).get("message") or {}
-            calls = [
-                ((c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments"))
-                for c in msg.get("tool_calls") or []
-                if isinstance(c, dict)
-            ]
+            calls = _function_calls(msg)
             content = msg.get("content")
             return (None if content is None else str(content)), calls
         if "output" in body:  # Responses API
@@ -328,11 +339,7 @@ class LLMCall(BaseModel):
             actions = []
             for choice in choices:
                 msg = (choice or {}).get("message") or {}
-                calls = [
-                    ((c.get("function") or {}).get("name"), (c.get("function") or {}).get("arguments"))
-                    for c in msg.get("tool_calls") or []
-                ]
-                actions.append((msg.get("content"), calls))
+                actions.append((msg.get("content"), _function_calls(msg)))
             return actions
         if "output" in body:
             return [

@@ -81,7 +81,8 @@ class _Call:
     model_version: str | None
 
 
-def _select_attempt(rollout: Rollout, attempts: Iterable[Attempt]) -> Attempt | None:
+def latest_attempt(rollout: Rollout, attempts: Iterable[Attempt]) -> Attempt | None:
+    """The rollout's most recent attempt (highest sequence id): the only one training counts."""
     own = [a for a in attempts if a.rollout_id == rollout.rollout_id]
     return max(own, key=lambda a: a.sequence_id) if own else None
 
@@ -93,9 +94,8 @@ def _reason_for_other_attempt(attempt: Attempt | None) -> SkipReason:
 
 
 def _check_call(
-    span: Span, agent_re: re.Pattern[str] | None, keep_truncated: bool
+    span: Span, rec: LLMCall, agent_re: re.Pattern[str] | None, keep_truncated: bool
 ) -> tuple[_Call | None, SkipReason | None, str]:
-    rec = LLMCall.from_span(span)
     agent = rec.agent
     if agent_re is not None and (agent is None or agent_re.search(agent) is None):
         return None, SkipReason.agent_not_selected, f"agent {agent!r}"
@@ -185,7 +185,7 @@ def build_transitions(
     credit = credit or CreditConfig()
     attempts = list(attempts)
     by_id = {a.attempt_id: a for a in attempts}
-    chosen = _select_attempt(rollout, attempts)
+    chosen = latest_attempt(rollout, attempts)
     result = AdapterResult(rollout_id=rollout.rollout_id, group_id=group_key(rollout))
     usable = chosen is not None and chosen.status == AttemptStatus.succeeded
     if usable:
@@ -207,7 +207,7 @@ def build_transitions(
             reason = _reason_for_other_attempt(by_id.get(span.attempt_id))
         result.report.append(
             SkippedCall(
-                rollout.rollout_id, span.attempt_id, span.sequence_id, reason, LLMCall.from_span(span).agent
+                rollout.rollout_id, span.attempt_id, span.sequence_id, reason, LLMCall.agent_of(span)
             )
         )
     if not usable:
@@ -221,7 +221,8 @@ def build_transitions(
     for span in own_spans:
         if span.name != SpanNames.llm_call:
             continue
-        call, reason, detail = _check_call(span, agent_re, keep_truncated)
+        rec = LLMCall.from_span(span)
+        call, reason, detail = _check_call(span, rec, agent_re, keep_truncated)
         if call is None:
             assert reason is not None
             result.report.append(
@@ -230,7 +231,7 @@ def build_transitions(
                     span.attempt_id,
                     span.sequence_id,
                     reason,
-                    LLMCall.from_span(span).agent,
+                    rec.agent,
                     detail,
                 )
             )

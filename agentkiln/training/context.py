@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from agentkiln.protocol import ENGINE_STATUS_PATH
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class TrainingContext:
 
     @staticmethod
     async def _engine_status(client: httpx.AsyncClient) -> dict[str, Any]:
-        response = await client.get("/api/v1/engine")
+        response = await client.get(ENGINE_STATUS_PATH)
         response.raise_for_status()
         return response.json()
 

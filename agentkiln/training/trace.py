@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from agentkiln.adapter.credit import final_reward, reward_events
+from agentkiln.adapter.transitions import latest_attempt
 from agentkiln.models import Attempt, AttemptStatus, Rollout, RolloutConfig, RolloutMode, RolloutStatus, Span
 from agentkiln.store.base import Store
 
@@ -29,9 +30,8 @@ class Trace(NamedTuple):
 
     @property
     def latest_attempt(self) -> Attempt | None:
-        """The rollout's most recent attempt (highest sequence id): the only one training counts."""
-        own = [a for a in self.attempts if a.rollout_id == self.rollout.rollout_id]
-        return max(own, key=lambda a: a.sequence_id) if own else None
+        """The rollout's most recent attempt: the adapter's rule, so training and its data agree."""
+        return latest_attempt(self.rollout, self.attempts)
 
     @property
     def succeeded_attempt(self) -> Attempt | None:
