@@ -11,28 +11,43 @@ from __future__ import annotations
 import abc
 from typing import Any, AsyncIterator, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agentkiln.engine import limits
 
 
 class ChatRequest(BaseModel):
-    """Normalised form of what OpenAI clients send (chat completions and responses API)."""
+    """Normalised form of what OpenAI clients send (chat completions and responses API).
 
-    model_config = ConfigDict(extra="forbid")
+    Bounded as `engine.limits` says, so no engine sees a request that could overflow it (a seed
+    beyond int64), stall it (thousands of long stop strings) or hog it (n x max_tokens).
+    """
 
-    messages: list[dict[str, Any]] = Field(description="OpenAI chat messages (system/developer/user/assistant/tool)")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    messages: list[dict[str, Any]] = Field(
+        max_length=limits.MAX_MESSAGES, description="OpenAI chat messages (system/developer/user/assistant/tool)"
+    )
     tools: list[dict[str, Any]] = Field(default_factory=list, description="OpenAI function tool definitions")
     tool_choice: Any = None
-    max_tokens: int = Field(default=256, ge=1, le=32_768)
-    temperature: float = Field(default=1.0, ge=0.0, le=5.0)
+    max_tokens: int = Field(default=256, ge=1, le=limits.MAX_TOKENS)
+    temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="< GREEDY_BELOW_TEMPERATURE samples greedily")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
-    n: int = Field(default=1, ge=1, le=64)
-    seed: Optional[int] = None
+    stop: list[str] = Field(default_factory=list, max_length=limits.MAX_STOP_STRINGS)
+    n: int = Field(default=1, ge=1, le=limits.MAX_N)
+    seed: Optional[int] = Field(default=None, ge=limits.INT64_MIN, le=limits.INT64_MAX)
     model: Optional[str] = None
     agent: Optional[str] = Field(
         default=None,
         description="the calling agent (set by the gateway); engines holding that agent's own weights serve them",
     )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ChatRequest:
+        problem = limits.stop_error(self.stop) or limits.total_tokens_error(self.n, self.max_tokens)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class ToolCall(BaseModel):

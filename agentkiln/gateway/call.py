@@ -5,14 +5,21 @@ on (one store read), call the engine (whole or streamed), write the call's spans
 engine failure into an error span plus the HTTP error the client gets. Spans are written before
 the answer (or the stream's last event) goes out, so a client that got its answer can
 immediately find the span in the store.
+
+A client that goes away while the engine works cancels the work: the engine call (a whole answer,
+or a stream's first delta) races the connection's `http.disconnect`, and the engine drops a
+cancelled sequence and its KV at its next step. Once a stream is live, Starlette cancels it on
+disconnect and `deltas` closes the engine stream.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, AsyncIterator, Callable, NoReturn, Optional, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, NoReturn, Optional, Protocol, TypeVar
 
 from starlette.requests import Request
 
@@ -21,11 +28,12 @@ from agentkiln.gateway.errors import GatewayError, engine_error, invalid
 from agentkiln.gateway.incoming import path_agent
 from agentkiln.gateway.recording import CallContext, resolve_agent_name, span_for_error, spans_for_result
 from agentkiln.models import SpanIn
-from agentkiln.protocol import Headers
+from agentkiln.protocol import Headers, Role, principal_of
 from agentkiln.store.base import NotFoundError, Store, StoreError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 StoreGetter = Callable[[Request], Optional[Store]]
 EngineGetter = Callable[[Request], Optional[Engine]]
 
@@ -86,6 +94,13 @@ async def resolve_target(request: Request, get_store: StoreGetter) -> Target:
     """The running attempt named by the path or the X-Kiln-* headers (404 unknown, 409 finished)."""
     rid = request.path_params.get("rollout_id") or request.headers.get(Headers.rollout_id)
     aid = request.path_params.get("attempt_id") or request.headers.get(Headers.attempt_id)
+    caller = principal_of(request)
+    if caller.role == Role.attempt:  # an attempt token's calls are recorded on its attempt, and only there
+        if (rid, aid) not in ((None, None), (caller.rollout_id, caller.attempt_id)):
+            raise GatewayError(
+                403, "This token records calls only on its own attempt", type="permission_error", code="wrong_attempt"
+            )
+        rid, aid = caller.rollout_id, caller.attempt_id
     if rid is None and aid is None:
         return _UNRECORDED
     if not rid or not aid:
@@ -114,15 +129,49 @@ async def resolve_target(request: Request, get_store: StoreGetter) -> Target:
     return Target(store, rid, aid)
 
 
+def client_gone() -> GatewayError:
+    """What a call answers once its client has disconnected (nobody reads it; 499 as in nginx logs)."""
+    return GatewayError(499, "Client closed the request", type="invalid_request_error", code="client_disconnected")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (the body is read, so only `http.disconnect` can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Optional[Request], work: Awaitable[T]) -> T:
+    """`await work`, or cancel it and raise `client_gone()` if the client disconnects first."""
+    if request is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task  # the engine cancels its sequences on the way out
+        log.info("gateway: client disconnected; engine work cancelled")
+        raise client_gone()
+    return task.result()
+
+
 class GatewayCall:
     """One call: the engine, where it is recorded, and what is known before the engine answers."""
 
-    __slots__ = ("engine", "target", "ctx", "_first", "_stream")
+    __slots__ = ("engine", "target", "ctx", "request", "_first", "_stream")
 
-    def __init__(self, engine: Engine, target: Target, ctx: CallContext) -> None:
+    def __init__(self, engine: Engine, target: Target, ctx: CallContext, request: Optional[Request] = None) -> None:
         self.engine = engine
         self.target = target
         self.ctx = ctx
+        self.request = request  # watched for a disconnect while the engine works
         self._first: Optional[StreamDelta] = None
         self._stream: Optional[AsyncGenerator[StreamDelta, None]] = None
 
@@ -155,7 +204,7 @@ class GatewayCall:
             start_time=time.time(),
             stream=bool(body.stream),
         )
-        return cls(engine, target, ctx)
+        return cls(engine, target, ctx, request)
 
     @property
     def model(self) -> str:
@@ -170,7 +219,9 @@ class GatewayCall:
     async def chat(self) -> ChatResult:
         """The whole answer; an engine failure is recorded and raised as the client's GatewayError."""
         try:
-            result = await self.engine.chat(self.ctx.engine_request)
+            result = await unless_disconnected(self.request, self.engine.chat(self.ctx.engine_request))
+        except GatewayError:
+            raise
         except Exception as exc:
             await self._fail(exc)
         if not result.choices:
@@ -184,7 +235,10 @@ class GatewayCall:
         """
         self._stream = self.engine.chat_stream(self.ctx.engine_request)  # type: ignore[assignment]
         try:
-            self._first = await self._stream.__anext__()
+            self._first = await unless_disconnected(self.request, self._stream.__anext__())
+        except GatewayError:
+            await self._close_stream()
+            raise
         except StopAsyncIteration:
             await self._fail(RuntimeError("engine stream ended without output"))
         except Exception as exc:
@@ -209,11 +263,13 @@ class GatewayCall:
         except Exception as e:  # engine failed mid-stream
             exc = e
         finally:
-            try:
-                await agen.aclose()
-            except Exception:
-                log.debug("gateway: closing engine stream failed", exc_info=True)
+            await _aclose(agen)
         await self._fail(exc)
+
+    async def _close_stream(self) -> None:
+        agen, self._stream, self._first = self._stream, None, None
+        if agen is not None:
+            await _aclose(agen)
 
     def _echo_model(self, result: ChatResult) -> ChatResult:
         """Answer under the model name the client asked for; spans keep the real version."""
@@ -247,3 +303,10 @@ class GatewayCall:
             log.warning("gateway: span for %s/%s not stored: %s", target.rollout_id, target.attempt_id, exc)
         except Exception:
             log.exception("gateway: storing span for %s/%s failed", target.rollout_id, target.attempt_id)
+
+
+async def _aclose(agen: AsyncGenerator[Any, None]) -> None:
+    try:
+        await agen.aclose()
+    except Exception:
+        log.debug("gateway: closing engine stream failed", exc_info=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from agentkiln.gateway import limits
 from agentkiln.gateway.errors import GatewayError, invalid, validation_error_to_gateway
 from agentkiln.protocol import is_valid_agent_name
 
@@ -18,19 +20,26 @@ _Body = TypeVar("_Body", bound=BaseModel)
 
 async def validated_body(request: Request, model: type[_Body]) -> _Body:
     """The JSON body parsed into `model`; invalid input becomes an OpenAI-shaped 4xx."""
-    raw = await read_json(request)
+    raw = await request.body()
+    body = await read_json(request, raw)
     try:
-        return model.model_validate(raw)
+        if len(raw) > limits.PARSE_OFF_LOOP_BYTES:  # a large body is validated off the event loop too
+            return await asyncio.to_thread(model.model_validate, body)
+        return model.model_validate(body)
     except ValidationError as exc:
         raise validation_error_to_gateway(exc) from None
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+async def read_json(request: Request, raw: Optional[bytes] = None) -> dict[str, Any]:
+    """The body as a JSON object, within the body-shape limits of `gateway.limits`."""
+    if raw is None:
+        raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise GatewayError(413, f"Request body too large ({len(raw)} bytes, limit {MAX_BODY_BYTES})")
     try:
-        body = json.loads(raw)
+        body = await limits.loads_async(raw)
+    except limits.BodyRejected as exc:
+        raise invalid(f"Request body rejected: {exc}", exc.param) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

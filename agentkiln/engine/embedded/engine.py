@@ -4,11 +4,18 @@ Exact ids + logprobs for RL (see sampler), continuous batching on one scheduler 
 scheduler). Callers on the event loop get futures / queues fed from that thread through
 `loop.call_soon_threadsafe`; weight and cache swaps are tasks the thread runs between batches.
 Prompt format and tool-call syntax come from the model's chat template (see engine.chat).
+
+Hostile input: a prompt whose text alone is surely over the context (more characters than the
+context holds tokens times the longest token) is refused before templating; any other large
+prompt is templated and tokenized in a worker thread, so it never stalls the event loop. A caller
+that stops waiting (client gone, task cancelled) cancels its sequences: the scheduler drops
+their rows, and their KV with them, at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -50,10 +57,12 @@ class TransformersEngine(Engine):
         prefix_cache_tokens: int = 16_384,
         prefix_cache_entries: int = 32,
         chat_template: ChatTemplate | None = None,
+        max_waiting: int = 256,
     ) -> None:
         """`prefix_cache_tokens=0` disables prefix caching (SmolLM2-135M KV: ~23 KB per token in bf16);
         `chat_template=None` picks the model's (SmolLM2's format for SmolLM2, else its own Jinja template);
-        `dtype="auto"` is bf16 where the device has bf16 matrix units, else fp32 (agentkiln.hardware)."""
+        `dtype="auto"` is bf16 where the device has bf16 matrix units, else fp32 (agentkiln.hardware);
+        beyond `max_waiting` sequences waiting for admission a request gets EngineUnavailable (503)."""
         self.model_name = model_name
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
@@ -69,6 +78,8 @@ class TransformersEngine(Engine):
         cfg = self._model.config
         self.max_context: int = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # No token covers more characters than its vocabulary string has (byte-level: one per byte).
+        self._max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
         self._scheduler = Scheduler(
             self.weights,
             stop_ids=find_stop_ids(self.tokenizer, self._model.generation_config),
@@ -77,6 +88,7 @@ class TransformersEngine(Engine):
             max_batch_size=max_batch_size,
             gather_window_s=gather_window_s,
             prefix_cache=PrefixCache(prefix_cache_tokens, prefix_cache_entries) if prefix_cache_tokens > 0 else None,
+            max_waiting=max_waiting,
         )
 
     # ---- public API -------------------------------------------------------------------------
@@ -84,6 +96,16 @@ class TransformersEngine(Engine):
     @property
     def stats(self) -> EngineStats:
         return self._scheduler.stats
+
+    @property
+    def running(self) -> int:
+        """Sequences being generated now (cancelled ones leave at the next step)."""
+        return self._scheduler.running
+
+    @property
+    def waiting(self) -> int:
+        """Sequences waiting to join a batch."""
+        return self._scheduler.waiting
 
     @property
     def prefix_cache(self) -> PrefixCache | None:
@@ -111,9 +133,21 @@ class TransformersEngine(Engine):
     def render(self, request: ChatRequest) -> RenderedPrompt:
         return self.chat_template.render(request.messages, request.tools or None)
 
+    async def render_async(self, request: ChatRequest) -> RenderedPrompt:
+        """`render`, refusing a surely too long prompt first and off the event loop when it is large."""
+        chars = _prompt_chars(request)
+        if chars > 2 * self.max_context * self._max_token_chars:  # x2: slack for normalisers that drop text
+            raise EngineRequestError(
+                f"prompt too long: its {chars} characters are at least {chars // self._max_token_chars} tokens; "
+                f"the model's context is {self.max_context} tokens"
+            )
+        if chars > _RENDER_ON_LOOP_CHARS:
+            return await asyncio.to_thread(self.render, request)
+        return self.render(request)
+
     async def chat(self, request: ChatRequest) -> ChatResult:
         loop = asyncio.get_running_loop()
-        prompt = self.render(request)
+        prompt = await self.render_async(request)
         futures: list[asyncio.Future[SeqOutput]] = [loop.create_future() for _ in range(request.n)]
         seqs = [self._make_seq(request, prompt.ids, i, _future_callbacks(loop, fut)) for i, fut in enumerate(futures)]
         self._scheduler.submit(seqs)
@@ -129,7 +163,7 @@ class TransformersEngine(Engine):
         if request.n != 1:
             raise ValueError("streaming supports n == 1 only")
         loop = asyncio.get_running_loop()
-        prompt = self.render(request)
+        prompt = await self.render_async(request)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def on_token(tok: int, out: SeqOutput | None) -> None:
@@ -216,7 +250,7 @@ class TransformersEngine(Engine):
             raise EngineRequestError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}")
         gen = torch.Generator(device="cpu")
         if request.seed is not None:
-            gen.manual_seed(request.seed * 1000 + index)  # n samples of one seeded request differ
+            gen.manual_seed((request.seed * 1000 + index) % 2**64)  # n samples differ; fits torch's uint64
         else:
             gen.seed()
         stop = [s for s in request.stop if s]
@@ -259,6 +293,21 @@ class TransformersEngine(Engine):
             model=self.model_name,
             model_version=version,
         )
+
+
+_RENDER_ON_LOOP_CHARS = 8_192  # smaller prompts template + tokenize in well under a millisecond
+
+
+def _prompt_chars(request: ChatRequest) -> int:
+    """Characters of text in the messages and tools: a cheap lower bound on the rendered prompt's length."""
+    chars = 0
+    for msg in request.messages:
+        content = msg.get("content")
+        chars += len(content) if isinstance(content, str) else 0
+        for call in msg.get("tool_calls") or ():
+            fn = call.get("function") or {}
+            chars += len(str(fn.get("arguments") or ""))
+    return chars + (len(json.dumps(request.tools)) if request.tools else 0)
 
 
 def _settle(fut: asyncio.Future, value: Any, exc: BaseException | None) -> None:

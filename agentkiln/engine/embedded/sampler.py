@@ -3,7 +3,8 @@
 Logprobs: for temperature > 0 the recorded value is log_softmax(logits / temperature) at the
 sampled token, i.e. under the temperature-scaled distribution *before* top-p truncation
 (top-p only renormalises the kept mass; the pre-truncation value is what trainers recompute).
-For temperature == 0 (greedy) it is log_softmax(logits) at the argmax.
+For temperature == 0 (greedy) it is log_softmax(logits) at the argmax; so is it for temperatures
+below `GREEDY_BELOW_TEMPERATURE`, whose scaled logits would overflow float32 (inf/NaN).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 import torch
 
 from agentkiln.engine.embedded.detokenizer import IncrementalDetokenizer
+from agentkiln.engine.limits import GREEDY_BELOW_TEMPERATURE
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> tuple[int, float]:
     """Sample one token from a float32 [vocab] row; return it and its logprob (see module doc)."""
-    if temperature <= 0.0:
+    if temperature < GREEDY_BELOW_TEMPERATURE:
         logp = torch.log_softmax(logits, dim=-1)
         tok = int(torch.argmax(logits))
         return tok, float(logp[tok])

@@ -14,6 +14,10 @@ joining sequence reuses the KV of its longest cached prefix and prefills only th
 one token, for the last logits). A joining group whose members share a prefix not yet cached is
 prefilled in two waves, so the later members reuse what the first wave computed. Finished
 prompt + response are cached too, for the agent's next turn. Entries are scoped by weight set.
+
+Robustness: at most `max_waiting` sequences wait to be admitted (beyond that `submit` raises
+EngineUnavailable, a 503 + Retry-After), and a sequence whose sampling, stop matching or
+callback fails (or whose prefill fails on its own) errors alone while its batch goes on.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from agentkiln.engine.embedded.prefix_cache import PrefixCache, PrefixHit, Scope
 from agentkiln.engine.embedded.sampler import sample
 from agentkiln.engine.embedded.sequence import SeqOutput, Sequence
 from agentkiln.engine.embedded.weights import WeightSet, WeightSets
-from agentkiln.engine.errors import EngineUnavailable
+from agentkiln.engine.errors import EngineError, EngineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,8 @@ class Scheduler:
         max_batch_size: int,
         gather_window_s: float,
         prefix_cache: PrefixCache | None,
+        max_waiting: int = 256,
+        retry_after_s: float = 1.0,
     ) -> None:
         self.weights = weights
         self.stop_ids = stop_ids
@@ -100,7 +106,10 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.gather_window_s = gather_window_s
         self.prefix_cache = prefix_cache  # replaced only by a task, i.e. on this thread
+        self.max_waiting = max_waiting
+        self.retry_after_s = retry_after_s
         self.stats = EngineStats()
+        self.running = 0  # sequences in the running batches (written by this thread only)
         self._cond = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
         self._tasks: collections.deque[Task] = collections.deque()
@@ -111,11 +120,25 @@ class Scheduler:
     # ---- any thread ---------------------------------------------------------------------------
 
     def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences for admission; EngineUnavailable when closed or `max_waiting` already wait."""
         with self._cond:
             if self._closing:
                 raise EngineUnavailable("engine is closed")
+            if len(self._pending) >= self.max_waiting:
+                self._pending = collections.deque(s for s in self._pending if not s.cancelled)
+                if len(self._pending) >= self.max_waiting:
+                    raise EngineUnavailable(
+                        f"engine is overloaded: {len(self._pending)} sequences are waiting (limit {self.max_waiting})",
+                        retry_after_s=self.retry_after_s,
+                    )
             self._pending.extend(seqs)
             self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Sequences submitted and not yet admitted (cancelled ones included until skipped)."""
+        with self._cond:
+            return len(self._pending)
 
     def add_task(self, task: Task) -> None:
         """Queue work for this thread, run once the running batch has drained."""
@@ -187,12 +210,11 @@ class Scheduler:
                     if run is None:
                         run = running[scope] = RunningBatch(scope, self.weights.sets[scope], self._empty_mask())
                     for wave in self._prefill_waves(group, scope):
-                        new_cache, new_mask, last_logits = self._prefill(wave, run)
-                        self._sample_and_record(wave, last_logits, run.weights.version)
-                        run.join(wave, new_cache, new_mask)
+                        self._admit(wave, run)
                 for scope in list(running):
                     if not self._drop_finished(running[scope]):
                         del running[scope]
+                self.running = _count(running)
                 if not running:
                     if not self._has_pending():
                         return
@@ -206,8 +228,34 @@ class Scheduler:
             active = [seq for run in running.values() for seq in run.seqs]
             for seq in active + [s for s in joining if s not in active]:
                 if not seq.finished:
-                    seq.finished = True
-                    seq.on_error(exc)
+                    self._fail(seq, exc)
+        finally:
+            self.running = 0
+
+    def _admit(self, wave: list[Sequence], run: RunningBatch) -> None:
+        """Prefill a wave and join it to its batch; if that fails, each member is retried alone."""
+        try:
+            new_cache, new_mask, last_logits = self._prefill(wave, run)
+        except Exception as exc:
+            if len(wave) == 1:
+                log.exception("prefill of one sequence failed")
+                self._fail(wave[0], exc)
+                return
+            log.warning("prefill of a wave of %d failed (%s); admitting them one by one", len(wave), exc)
+            for seq in wave:
+                self._admit([seq], run)
+            return
+        self._sample_and_record(wave, last_logits, run.weights.version)
+        run.join(wave, new_cache, new_mask)
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        """End one sequence with an error (its row is dropped, never cached); a dead callback is ignored."""
+        seq.finished = seq.cancelled = True
+        err = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+        try:
+            seq.on_error(err)
+        except Exception:
+            log.debug("error callback failed", exc_info=True)
 
     def _empty_mask(self) -> torch.Tensor:
         return torch.zeros((0, 0), dtype=torch.long, device=self.device)
@@ -317,22 +365,32 @@ class Scheduler:
     def _sample_and_record(self, seqs: list[Sequence], logits: torch.Tensor, version: str) -> None:
         logits = logits.float()
         for row, seq in enumerate(seqs):
-            tok, logprob = sample(logits[row], seq.temperature, seq.top_p, seq.generator)
-            seq.ids.append(tok)
-            seq.logprobs.append(logprob)
-            self.stats.tokens += 1
-            finish = None
-            stop_string = seq.stop is not None and seq.stop.add(tok)  # fed every token: it decodes incrementally
-            if tok in self.stop_ids or stop_string:
-                finish = "stop"
-            elif len(seq.ids) >= seq.max_tokens:
-                finish = "length"
-            out = None
-            if finish is not None:
-                seq.finished = True
-                self.stats.sequences += 1
-                out = SeqOutput(
-                    ids=list(seq.ids), logprobs=list(seq.logprobs), finish_reason=finish, model_version=version
-                )
-            if not seq.cancelled:
-                seq.on_token(tok, out)
+            if seq.finished:  # failed alone during admission; its row goes at the next drop
+                continue
+            try:
+                self._advance(seq, logits[row], version)
+            except Exception as exc:
+                log.exception("sequence failed; its batch goes on")
+                self._fail(seq, exc)
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, version: str) -> None:
+        """Sample one token for `seq`, decide whether it finished, and tell its caller."""
+        tok, logprob = sample(logits, seq.temperature, seq.top_p, seq.generator)
+        seq.ids.append(tok)
+        seq.logprobs.append(logprob)
+        self.stats.tokens += 1
+        finish = None
+        stop_string = seq.stop is not None and seq.stop.add(tok)  # fed every token: it decodes incrementally
+        if tok in self.stop_ids or stop_string:
+            finish = "stop"
+        elif len(seq.ids) >= seq.max_tokens:
+            finish = "length"
+        out = None
+        if finish is not None:
+            seq.finished = True
+            self.stats.sequences += 1
+            out = SeqOutput(
+                ids=list(seq.ids), logprobs=list(seq.logprobs), finish_reason=finish, model_version=version
+            )
+        if not seq.cancelled:
+            seq.on_token(tok, out)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Any, Callable, Iterator, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult
-from agentkiln.gateway import sse, wire
+from agentkiln.gateway import limits, sse, wire
 from agentkiln.gateway.errors import invalid
 
 # --------------------------------------------------------------------------- request
@@ -51,15 +51,17 @@ class StreamOptions(wire.Tolerant):
 
 
 class ChatCompletionRequest(wire.Tolerant):
+    """Bounded as `gateway.limits` says (stop strings, ints, logit_bias, messages)."""
+
     model: Optional[str] = None
-    messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=limits.MAX_MESSAGES)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=limits.MAX_TOKENS)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=limits.MAX_TOKENS)
     tools: Optional[list[ToolIn]] = None
     functions: Optional[list[FunctionDef]] = None  # legacy
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
-    n: int = Field(default=1, ge=1, le=64)
+    n: int = Field(default=1, ge=1, le=limits.MAX_N)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     stop: Optional[Union[str, list[str]]] = None
@@ -67,10 +69,27 @@ class ChatCompletionRequest(wire.Tolerant):
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=limits.INT64_MIN, le=limits.INT64_MAX)
+    logit_bias: Optional[dict[str, float]] = Field(default=None, description="validated; not applied")
     user: Optional[str] = None
     metadata: Optional[dict[str, Any]] = None
     return_token_ids: Optional[bool] = Field(default=None, description="vLLM extension: echo token ids back")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_bounded(cls, stop: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
+        problem = limits.stop_error([stop] if isinstance(stop, str) else stop or [])
+        if problem:
+            raise ValueError(problem)
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_bounded(cls, bias: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        problem = limits.logit_bias_error(bias or {})
+        if problem:
+            raise ValueError(problem)
+        return bias
 
 
 def _chat_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
@@ -104,9 +123,13 @@ def chat_request_to_engine(req: ChatCompletionRequest, default_max_tokens: Optio
     if tool_choice is not None and tool_choice != "none" and not tools:
         raise invalid("'tool_choice' is only allowed when 'tools' are given", "tool_choice")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
+    limits.check_generation(req.n, max_tokens)
+    messages = _chat_messages(req.messages)
+    limits.check_prompt_size(messages, tools, "messages")
     return wire.engine_request(
-        req.max_completion_tokens or req.max_tokens or default_max_tokens,
-        messages=_chat_messages(req.messages),
+        max_tokens,
+        messages=messages,
         tools=tools,
         tool_choice=tool_choice,
         stop=stop,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, ValidationError
 
 from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult
-from agentkiln.gateway import sse, wire
+from agentkiln.gateway import limits, sse, wire
 from agentkiln.gateway.errors import GatewayError, invalid, validation_error_to_gateway
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -18,12 +18,12 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 class ResponsesRequest(wire.Tolerant):
     model: Optional[str] = None
-    input: Union[str, list[dict[str, Any]]]
+    input: Union[str, Annotated[list[dict[str, Any]], Field(max_length=limits.MAX_MESSAGES)]]
     instructions: Optional[str] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
-    max_output_tokens: Optional[int] = Field(default=None, ge=1)
+    max_output_tokens: Optional[int] = Field(default=None, ge=1, le=limits.MAX_TOKENS)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     stream: Optional[bool] = None
@@ -146,9 +146,13 @@ def responses_request_to_engine(req: ResponsesRequest, default_max_tokens: Optio
     tool_choice = _responses_tool_choice(req.tool_choice)
     if not tools and tool_choice not in (None, "none", "auto"):
         raise invalid("'tool_choice' needs 'tools'", "tool_choice")
+    max_tokens = req.max_output_tokens or default_max_tokens
+    limits.check_generation(1, max_tokens, param="max_output_tokens")
+    messages = _responses_messages(req)
+    limits.check_prompt_size(messages, tools, "input")
     return wire.engine_request(
-        req.max_output_tokens or default_max_tokens,
-        messages=_responses_messages(req),
+        max_tokens,
+        messages=messages,
         tools=tools,
         tool_choice=tool_choice if tools else None,
         model=req.model,
