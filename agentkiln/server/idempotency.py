@@ -7,6 +7,10 @@ keyed write for a while and sends the same answer again; a retry that arrives wh
 first request is still running waits for it. The memory is per process: a retry that reaches
 a restarted server runs again. Spans get a second guard keyed by their own ids (RecentSpans),
 which also covers senders that send no key, such as OpenTelemetry exporters.
+
+Both memories are bounded by approximate bytes (what they hold, plus a fixed cost per entry)
+as well as by entries, least recently used out first: an entry count alone let a few thousand
+4 MB answers, or spans with megabytes of attributes, hold gigabytes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Generic, Hashable, Sequence, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +33,55 @@ log = logging.getLogger(__name__)
 HEADER = Headers.idempotency_key.encode()
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MAX_CACHED_BODY = 4_000_000
+# What one entry costs beyond its payload: the OrderedDict node, the key tuple and its strings'
+# headers, the value's object header (measured with tracemalloc, rounded up).
+ENTRY_OVERHEAD = 512
+DEFAULT_MAX_BYTES = 64 * 2**20
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class ByteLRU(Generic[K, V]):
+    """A mapping of at most `max_bytes` (approximate, as the caller sizes values) and `max_entries`."""
+
+    def __init__(self, max_bytes: int, max_entries: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.nbytes = 0
+        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def get(self, key: K) -> V | None:
+        """The value (now the most recently used), or None."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def pop(self, key: K) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.nbytes -= item[1]
+
+    def put(self, key: K, value: V, size: int) -> bool:
+        """Remember value (size: its payload bytes); False, and nothing kept, if it alone is over the bound."""
+        self.pop(key)
+        size += ENTRY_OVERHEAD
+        if size > self.max_bytes:
+            return False
+        self._items[key] = (value, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes or len(self._items) > self.max_entries:
+            _, (_, evicted) = self._items.popitem(last=False)
+            self.nbytes -= evicted
+        return True
 
 
 @dataclass
@@ -49,30 +102,31 @@ class _Capture:
 
 
 class IdempotencyMiddleware:
-    def __init__(self, app: ASGIApp, *, max_entries: int = 10_000, ttl_s: float = 600.0) -> None:
+    """Replays answers for ttl_s (10 min: longer than any client's retry loop), within max_bytes (64 MiB)."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_entries: int = 10_000, max_bytes: int = DEFAULT_MAX_BYTES, ttl_s: float = 600.0
+    ) -> None:
         self.app = app
-        self.max_entries = max_entries
         self.ttl_s = ttl_s
-        self._answers: OrderedDict[tuple[str, str, bytes], _Answer] = OrderedDict()
+        self.answers: ByteLRU[tuple[str, str, bytes], _Answer] = ByteLRU(max_bytes, max_entries)
         self._inflight: dict[tuple[str, str, bytes], asyncio.Event] = {}
 
     def _lookup(self, key: tuple[str, str, bytes]) -> _Answer | None:
-        answer = self._answers.get(key)
+        answer = self.answers.get(key)
         if answer is None:
             return None
         if answer.expires < time.monotonic():
-            del self._answers[key]
+            self.answers.pop(key)
             return None
         return answer
 
     def _remember(self, key: tuple[str, str, bytes], capture: _Capture) -> None:
         if not capture.complete or capture.status >= 500 or capture.size > _MAX_CACHED_BODY:
             return
-        self._answers[key] = _Answer(
-            capture.status, capture.headers, b"".join(capture.chunks), time.monotonic() + self.ttl_s
-        )
-        while len(self._answers) > self.max_entries:
-            self._answers.popitem(last=False)
+        body = b"".join(capture.chunks)
+        size = len(body) + sum(len(k) + len(v) for k, v in capture.headers) + len(key[0]) + len(key[1]) + len(key[2])
+        self.answers.put(key, _Answer(capture.status, capture.headers, body, time.monotonic() + self.ttl_s), size)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         idem = None
@@ -121,26 +175,32 @@ class RecentSpans:
     """Spans this server stored lately, by (rollout_id, attempt_id, span_id), so a re-sent span is not stored twice.
 
     Covers senders without an Idempotency-Key (OTLP exporters retry whole batches) and
-    repeats inside one batch. Bounded and per process; the store is the final guard.
+    repeats inside one batch. Per process, within max_bytes (64 MiB: some 100k typical spans,
+    minutes of traffic, longer than exporters retry) and max_entries; the store is the final
+    guard. Spans are kept as their JSON, which is both compact and exactly measurable.
     """
 
-    def __init__(self, max_entries: int = 200_000) -> None:
-        self.max_entries = max_entries
-        self._spans: OrderedDict[tuple[str, str, str], Span] = OrderedDict()
+    def __init__(self, max_entries: int = 200_000, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.spans: ByteLRU[tuple[str, str, str], bytes] = ByteLRU(max_bytes, max_entries)
 
     async def add(self, store: Store, spans: Sequence[SpanIn]) -> list[Span]:
         """Like store.add_spans, but known spans come back as first stored instead of being added again."""
         keys = [(s.rollout_id, s.attempt_id, s.span_id) for s in spans]
+        by_key: dict[tuple[str, str, str], Span] = {}
         fresh: dict[tuple[str, str, str], SpanIn] = {}
         for key, span in zip(keys, spans):
-            if key not in self._spans and key not in fresh:
+            if key in by_key or key in fresh:
+                continue
+            known = self.spans.get(key)
+            if known is not None:  # read now: storing this batch may evict it
+                by_key[key] = Span.model_validate_json(known)
+            else:
                 fresh[key] = span
         if len(fresh) < len(spans):
             log.info("ignoring %d re-sent span(s)", len(spans) - len(fresh))
         stored = await store.add_spans(list(fresh.values())) if fresh else []
         for key, span in zip(fresh, stored):
-            self._spans[key] = span
-        while len(self._spans) > self.max_entries:
-            self._spans.popitem(last=False)
-        by_key = dict(zip(fresh, stored))
-        return [by_key.get(key) or self._spans[key] for key in keys]
+            raw = span.model_dump_json().encode()
+            self.spans.put(key, raw, len(raw) + sum(map(len, key)))
+            by_key[key] = span
+        return [by_key[key] for key in keys]
