@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ from agentkiln.engine.embedded import TransformersEngine
 from agentkiln.engine.embedded.prefix_cache import PrefixCache
 from agentkiln.engine.model_files import load_model, tiny_model_dir
 from agentkiln.engine.upstream import UpstreamEngine
+from agentkiln.engine.weight_roots import WeightsPolicy
 from agentkiln.models import LLMEndpoint, ResourcesIn
 from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.runner.runner import Runner
@@ -225,7 +227,9 @@ async def _publish(store: HttpStore, ctx: TrainingContext, **agent_adapters: str
 
 async def test_server_loads_agent_weights_and_gateway_records_their_version(adapter_dir, tmp_path):
     engine = _engine()
-    app = create_app(InMemoryStore(sweep_interval_s=None), sweep_interval_s=0, model_sync_interval_s=0.05)
+    roots = WeightsPolicy.build([Path(adapter_dir).parent], env={})  # published weights load only from there
+    store = InMemoryStore(sweep_interval_s=None)
+    app = create_app(store, sweep_interval_s=0, model_sync_interval_s=0.05, weights_policy=roots)
     app.state.engine = engine
     server = ServerThread(app)
     url = server.start()

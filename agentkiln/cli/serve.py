@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from agentkiln.cli.app import app
+from agentkiln.engine.weight_roots import DEFAULT_MAX_WEIGHT_SETS
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,15 @@ def serve(
         "smollm2", "--engine", help="Inference engine for the gateway; 'none' to serve only the store."
     ),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001, help="Largest accepted request body."),
+    weights_root: list[Path] = typer.Option(
+        [],
+        "--weights-root",
+        help="Folder published weights may be loaded from (repeatable; also $KILN_WEIGHTS_ROOTS, "
+        "os.pathsep-separated). Default when neither is given: ./runs. Only local safetensors are loaded.",
+    ),
+    max_weight_sets: int = typer.Option(
+        DEFAULT_MAX_WEIGHT_SETS, "--max-weight-sets", min=0, help="Most agents served weights of their own."
+    ),
 ) -> None:
     """Serve the store API over HTTP so runners and trainers on other processes or hosts share it."""
     from agentkiln.server.host_check import UnsafeBindError
@@ -40,6 +51,8 @@ def serve(
             api_key=api_key or None,
             engine_spec=engine,
             max_body_bytes=int(max_body_mb * 1_000_000),
+            weights_roots=weights_root,
+            max_weight_sets=max_weight_sets,
         )
     except UnsafeBindError as exc:
         raise typer.BadParameter(str(exc), param_hint="--host") from None

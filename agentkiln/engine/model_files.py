@@ -123,18 +123,25 @@ def tiny_model_dir() -> Path:
 
 
 def load_tokenizer(path: str | Path):
+    """From a local folder only: a hub id is never fetched."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32"):
-    """Load a causal LM for inference (eval mode)."""
+    """Load a causal LM for inference (eval mode) from a local safetensors folder.
+
+    Never a hub id, never pickle weights (torch.load), never the folder's own code: a served
+    checkpoint may come from a published resources record.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise in servers and the demo
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
+    )
     model.eval()
     return model

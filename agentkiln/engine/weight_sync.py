@@ -4,22 +4,27 @@ The trainer never talks to the engine: it publishes a resources version whose ma
 names an adapter folder (and, for per-agent training, endpoints with `agent` set naming each
 agent's adapter), and this watcher (running inside the server) swaps them in.
 That keeps the store the only state the two sides share.
+
+Every path is checked against the server's WeightsPolicy (allowed roots, safetensors only, a cap
+on per-agent sets) before anything of a version is loaded: a version with any refused weight set
+is refused whole, so what is served always comes from one published version, and the previous
+weights keep serving. The refusal is logged once and reported by the engine status route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
 
 from agentkiln.engine.base import Engine
+from agentkiln.engine.weight_roots import WeightsPolicy, describe
 from agentkiln.models import Resources
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
 
 
-def main_llm_weights(resources: Resources) -> Optional[str]:
+def main_llm_weights(resources: Resources) -> str | None:
     llm = resources.main_llm()
     return llm.adapter_path if llm is not None else None
 
@@ -34,31 +39,74 @@ def agent_version(agent: str, resources_version: int) -> str:
     return f"{agent}@v{resources_version}"
 
 
+def weights_refusals(policy: WeightsPolicy, resources: Resources) -> dict[str | None, str]:
+    """Why `resources`' weight sets may not be loaded (key None: the main weights); empty: all may."""
+    return policy.refusals(main_llm_weights(resources), agent_weights(resources))
+
+
 class ModelSync:
     """Polls the store for new resources and loads their weights into the engine once each.
 
     Each weight set (the main one and every agent's) is reloaded only when its path changes, so
     a version that retrains one agent leaves the others' weights and versions as they were.
+    `loaded_resources_id` names the latest version served in full; a refused version never
+    becomes it (trainers waiting on it see `last_error` instead).
     """
 
-    def __init__(self, store: Store, engine: Engine, interval_s: float = 0.25) -> None:
+    def __init__(
+        self, store: Store, engine: Engine, interval_s: float = 0.25, policy: WeightsPolicy | None = None
+    ) -> None:
         self.store = store
         self.engine = engine
         self.interval_s = interval_s
-        self.loaded_resources_id: Optional[str] = None
-        self.loaded_path: Optional[str] = None
+        self.policy = policy if policy is not None else WeightsPolicy.build()
+        self.loaded_resources_id: str | None = None
+        self.loaded_path: str | None = None
         self.loaded_agents: dict[str, str] = {}  # agent -> path of its own weights now served
-        self.last_error: Optional[str] = None
+        self.load_error: str | None = None  # the last load that raised (retried every poll)
+        self.checked_resources_id: str | None = None  # the latest version looked at, loaded or refused
+        self.refused_resources_id: str | None = None
+        self.weights_error: str | None = None  # why the latest version's main weights were refused
+        self.agent_weights_errors: dict[str, str] = {}  # agent -> why its weights in that version were refused
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the latest version is not served: a refusal, or a load that failed."""
+        if self.refused_resources_id is not None:
+            refused = {None: self.weights_error} if self.weights_error else {}
+            return f"weights of {self.refused_resources_id} refused: " + describe(
+                {**refused, **self.agent_weights_errors}
+            )
+        return self.load_error
 
     async def sync_once(self) -> bool:
         """Load the latest resources' weights if they changed; True when something was loaded."""
         latest = await self.store.get_latest_resources()
-        if latest is None or latest.resources_id == self.loaded_resources_id:
+        if latest is None or latest.resources_id in (self.loaded_resources_id, self.checked_resources_id):
+            return False
+        if self._refuse(latest):
             return False
         changed = await self._sync_main(latest)
         changed = await self._sync_agents(latest) or changed
-        self.loaded_resources_id = latest.resources_id
+        self.loaded_resources_id = self.checked_resources_id = latest.resources_id
         return changed
+
+    def _refuse(self, latest: Resources) -> bool:
+        """Check every path `latest` makes us load first; on any refusal record it, log it once, load nothing."""
+        main, agents = main_llm_weights(latest), agent_weights(latest)
+        refused = self.policy.refusals(
+            main if main != self.loaded_path else None,
+            {agent: path for agent, path in agents.items() if self.loaded_agents.get(agent) != path},
+            n_agents=len(agents),
+        )
+        self.weights_error = refused.pop(None, None)
+        self.agent_weights_errors = {str(agent): why for agent, why in refused.items()}
+        self.refused_resources_id = latest.resources_id if (refused or self.weights_error) else None
+        if self.refused_resources_id is None:
+            return False
+        self.checked_resources_id = latest.resources_id
+        log.error("%s; still serving the previous weights", self.last_error)
+        return True
 
     async def _sync_main(self, latest: Resources) -> bool:
         path = main_llm_weights(latest)
@@ -95,11 +143,11 @@ class ModelSync:
         while True:
             try:
                 await self.sync_once()
-                self.last_error = None
+                self.load_error = None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bad adapter must not stop serving the previous weights
-                if str(exc) != self.last_error:
+                if str(exc) != self.load_error:
                     log.exception("could not load published weights")
-                self.last_error = str(exc)
+                self.load_error = str(exc)
             await asyncio.sleep(self.interval_s)

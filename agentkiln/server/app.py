@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Iterable
 
 from fastapi import FastAPI
 
+from agentkiln.engine.weight_roots import WeightsPolicy
 from agentkiln.engine.weight_sync import ModelSync
 from agentkiln.gateway.router import install_gateway
 from agentkiln.server.engine_routes import build_engine_status_router
@@ -53,6 +54,7 @@ def create_app(
     engine: Any = None,
     model_sync_interval_s: float = 0.25,
     allowed_hosts: Iterable[str] | None = None,
+    weights_policy: WeightsPolicy | None = None,
 ) -> FastAPI:
     """Build the server around `store`. sweep_interval_s <= 0 turns the background sweep off."""
 
@@ -63,7 +65,7 @@ def create_app(
             tasks.append(asyncio.create_task(sweep_timeouts(store, sweep_interval_s), name="kiln-timeout-sweep"))
         # The engine may be attached after create_app (kiln serve does): look it up at start-up.
         if app.state.engine is not None and model_sync_interval_s > 0:
-            app.state.model_sync = ModelSync(store, app.state.engine, model_sync_interval_s)
+            app.state.model_sync = ModelSync(store, app.state.engine, model_sync_interval_s, app.state.weights_policy)
             tasks.append(asyncio.create_task(app.state.model_sync.run_forever(), name="kiln-model-sync"))
         try:
             yield
@@ -78,6 +80,8 @@ def create_app(
     app.state.recent_spans = RecentSpans()  # routes that write spans (store API, OTLP intake) share it
     app.state.engine = engine  # the gateway reads it per request, so it may also be set later
     app.state.model_sync = None
+    # Which published weights may be loaded (default: only under $KILN_WEIGHTS_ROOTS; see weight_roots).
+    app.state.weights_policy = weights_policy if weights_policy is not None else WeightsPolicy.build()
     install_error_handlers(app)
     app.include_router(store_router)
     app.include_router(build_otlp_router())

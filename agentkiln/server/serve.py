@@ -12,19 +12,24 @@ import contextlib
 import gc
 import inspect
 import logging
+import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 import uvicorn
 from fastapi import FastAPI
 
+from agentkiln.engine.weight_roots import DEFAULT_MAX_WEIGHT_SETS, WeightsPolicy
 from agentkiln.server.app import create_app
 from agentkiln.server.host_check import LOOPBACK_HOSTS, check_bind
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
+DEFAULT_WEIGHTS_ROOT = "runs"  # where `kiln train` writes adapters when started in the same folder
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -78,8 +83,15 @@ async def serve_async(
     max_body_bytes: int = 16_000_000,
     sweep_interval_s: float = 1.0,
     log_level: str = "info",
+    weights_roots: Sequence[str | Path] = (),
+    max_weight_sets: int = DEFAULT_MAX_WEIGHT_SETS,
 ) -> None:
+    """`weights_roots` (plus $KILN_WEIGHTS_ROOTS; ./runs when both are empty) are the only folders
+    published weights are loaded from; the hub is never reached (offline mode)."""
     check_bind(host, api_key)  # before anything is opened: a refused start leaves nothing behind
+    # Nothing the server loads may come from the hub (a published adapter_path could name a hub id).
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    weights_policy = WeightsPolicy.build(weights_roots, max_weight_sets, default=DEFAULT_WEIGHTS_ROOT)
     store = await open_store_async(store_url)
     try:
         engine = await build_engine_async(engine_spec)
@@ -93,7 +105,9 @@ async def serve_async(
         sweep_interval_s=sweep_interval_s,
         # Without a key only loopback clients are trusted; with one the key is the check.
         allowed_hosts=LOOPBACK_HOSTS if api_key is None else None,
+        weights_policy=weights_policy,
     )
+    log.info("published weights load only from %s", ", ".join(str(r) for r in weights_policy.roots))
     app.state.engine = engine
     own_resources(app, store, engine)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")

@@ -31,6 +31,7 @@ from agentkiln.models import (
     WorkerStatus,
 )
 from agentkiln.protocol import API_PREFIX
+from agentkiln.server.engine_routes import check_publishable
 from agentkiln.store.base import Store, ValidationError
 
 # A long poll holds a connection and a server task; clients loop for longer waits.
@@ -233,6 +234,7 @@ async def query_spans(
 
 @api.post("/resources", response_model=Resources)
 async def add_resources(request: Request, body: ResourcesIn) -> Resources:
+    check_publishable(request.app, body)  # 422 for weights the engine would refuse to load
     return await _store(request).add_resources(body)
 
 

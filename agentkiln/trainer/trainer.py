@@ -51,6 +51,7 @@ class Trainer:
     # ------------------------------------------------------------------ embedded server
     def start_server(self) -> str:
         """Start store + engine + gateway in a background thread; returns its URL."""
+        from agentkiln.engine.weight_roots import WeightsPolicy
         from agentkiln.server.app import create_app
         from agentkiln.server.serve import ServerThread, own_resources
         from agentkiln.store import open_store
@@ -62,7 +63,9 @@ class Trainer:
 
             engine = build_engine(engine)
         self._engine_obj = engine
-        app = create_app(store, api_key=self.api_key, engine=engine)
+        # Published weights load only from this run's folder (and $KILN_WEIGHTS_ROOTS).
+        policy = WeightsPolicy.build([self.run_dir])
+        app = create_app(store, api_key=self.api_key, engine=engine, weights_policy=policy)
         own_resources(app, store, engine)
         self._server = ServerThread(app, port=self.port)
         url = self._server.start(timeout=600)

@@ -17,6 +17,7 @@ import torch
 
 from agentkiln.engine.embedded.prefix_cache import Scope
 from agentkiln.engine.model_files import load_model
+from agentkiln.engine.weight_roots import WeightsRefused, check_format
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,21 @@ class WeightSets:
         return {name: w.version for name, w in list(self.sets.items()) if name is not None}
 
     def swap(self, path: Path, version: str, agent: str | None) -> None:
-        """Merge a peft LoRA adapter into a copy of the base, or load a full checkpoint, for `agent`."""
+        """Merge a peft LoRA adapter into a copy of the base, or load a full checkpoint, for `agent`.
+
+        Local safetensors folders only (WeightsRefused otherwise): whoever calls this, nothing is
+        fetched from the hub and nothing is unpickled. Which folders are allowed at all is the
+        caller's check (weight_roots.WeightsPolicy, applied by ModelSync).
+        """
         who = f"agent {agent!r}" if agent is not None else "the main weights"
+        if not path.is_dir():
+            raise WeightsRefused(f"weights {str(path)!r} are not a local folder")
+        check_format(path)
         if (path / "adapter_config.json").is_file():
             from peft import PeftModel
 
             log.info("merging LoRA adapter %s into a copy of the base model for %s (version %s)", path, who, version)
-            peft_model = PeftModel.from_pretrained(copy.deepcopy(self.base), str(path))
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(self.base), str(path), local_files_only=True)
             model = peft_model.merge_and_unload()
         else:
             log.info("loading full weights from %s for %s (version %s)", path, who, version)
