@@ -13,7 +13,7 @@ import uuid
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
 
 from agentkiln.protocol import AGENT_NAME_PATTERN
 
@@ -21,20 +21,28 @@ from agentkiln.protocol import AGENT_NAME_PATTERN
 MAX_INPUT_BYTES = 1_000_000
 MAX_ATTRIBUTES_BYTES = 4_000_000
 MAX_NAME_LENGTH = 512
+# Counts (which the OpenAPI states, so clients and fuzzers see them) well above real use.
+MAX_KEYS = 1_000  # attributes of a span or event, metadata keys, llms/prompts of one resources version
+MAX_EVENTS = 1_000  # events of one span
+MAX_PROMPT_LENGTH = 1_000_000
 
 
 # The largest page offset any store accepts (SQLite integers are 64-bit; no store holds more rows).
 MAX_OFFSET = 2**62
 
 
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):  # JSON true/false is not a number, whatever Python says
-        raise ValueError("a number is required, not a boolean")
+def _json_int(value: Any) -> Any:
+    if isinstance(value, (bool, str)):  # JSON true and "3" are not integers, whatever pydantic's lax mode says
+        raise ValueError("an integer is required")
     return value
 
 
-# A finite float that JSON booleans do not pass for (pydantic's lax mode would turn false into 0.0).
-Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+# A finite float that JSON booleans and strings do not pass for (pydantic's lax mode would turn
+# false into 0.0 and "1.5" into 1.5). Strict rather than a validator, so that constraints such as
+# gt=0 still reach the JSON schema as exclusiveMinimum.
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+# An integer as JSON Schema means it: 3 and 3.0, not true or "3".
+Integer = Annotated[int, BeforeValidator(_json_int)]
 
 
 def new_id(prefix: str) -> str:
@@ -118,7 +126,7 @@ class RolloutConfig(_Wire):
     unresponsive_s: Optional[Number] = Field(
         default=None, gt=0, description="an attempt with no heartbeat/span for this long is unresponsive"
     )
-    max_attempts: int = Field(default=1, ge=1, le=100)
+    max_attempts: Integer = Field(default=1, ge=1, le=100)
     retry_on: list[FailureKind] = Field(
         default_factory=list, description="failure kinds that requeue the rollout (while attempts remain)"
     )
@@ -173,26 +181,26 @@ class SpanStatus(_Wire):
 
 
 class SpanEvent(_Wire):
-    name: str
-    timestamp: Optional[float] = None
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(max_length=MAX_NAME_LENGTH)
+    timestamp: Optional[Number] = None
+    attributes: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
 
 
 class SpanIn(_Wire):
     """A span as a producer sends it (OpenTelemetry shape); the store assigns sequence_id."""
 
-    rollout_id: str
-    attempt_id: str
+    rollout_id: str = Field(max_length=MAX_NAME_LENGTH)
+    attempt_id: str = Field(max_length=MAX_NAME_LENGTH)
     name: str = Field(max_length=MAX_NAME_LENGTH)
-    trace_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
-    span_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:16])
-    parent_id: Optional[str] = None
-    start_time: float = Field(default_factory=now)
-    end_time: Optional[float] = None
-    attributes: dict[str, Any] = Field(default_factory=dict)
-    events: list[SpanEvent] = Field(default_factory=list)
+    trace_id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=MAX_NAME_LENGTH)
+    span_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:16], max_length=MAX_NAME_LENGTH)
+    parent_id: Optional[str] = Field(default=None, max_length=MAX_NAME_LENGTH)
+    start_time: Number = Field(default_factory=now)
+    end_time: Optional[Number] = None
+    attributes: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
+    events: list[SpanEvent] = Field(default_factory=list, max_length=MAX_EVENTS)
     status: SpanStatus = Field(default_factory=SpanStatus)
-    resource: dict[str, Any] = Field(default_factory=dict)
+    resource: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
 
 
 class Span(SpanIn):
@@ -213,7 +221,7 @@ class LLMEndpoint(_Wire):
 
     endpoint: Optional[str] = Field(default=None, description="OpenAI base URL; runners rewrite it per attempt")
     model: str
-    sampling: dict[str, Any] = Field(default_factory=dict)
+    sampling: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
     adapter_path: Optional[str] = Field(default=None, description="LoRA adapter or full weights to serve")
     agent: Optional[str] = Field(
         default=None,
@@ -230,7 +238,7 @@ def _jinja_env() -> Any:
 
 
 class PromptTemplate(_Wire):
-    template: str
+    template: str = Field(max_length=MAX_PROMPT_LENGTH)
     engine: Literal["f-string", "jinja"] = "f-string"
 
     def format(self, **values: Any) -> str:
@@ -249,9 +257,9 @@ class PromptTemplate(_Wire):
 
 
 class ResourcesIn(_Wire):
-    llms: dict[str, LLMEndpoint] = Field(default_factory=dict)
-    prompts: dict[str, PromptTemplate] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    llms: dict[str, LLMEndpoint] = Field(default_factory=dict, max_length=MAX_KEYS)
+    prompts: dict[str, PromptTemplate] = Field(default_factory=dict, max_length=MAX_KEYS)
+    metadata: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
 
     @field_validator("llms")
     @classmethod

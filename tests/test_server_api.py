@@ -302,3 +302,106 @@ def test_inputs_that_broke_the_store_api(client: httpx.Client, method: str, path
     assert r.status_code == status, r.text
     if status >= 400:
         assert r.json()["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- strict bodies (issue 13)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "words"),
+    [
+        (b"input=1", "application/x-www-form-urlencoded", 415, "must be JSON"),
+        (b'{"input": 1}', "text/plain", 415, "text/plain"),
+        (b'{"input": 1}', None, 415, "no Content-Type"),
+        (b'{"input": NaN}', "application/json", 422, "NaN"),
+        (b'{"input": [1, -Infinity]}', "application/json", 422, "-Infinity"),
+        (b'{"input": 1e400}', "application/json", 422, "out of range"),
+        (b'{"input": ' + b"[" * 65 + b"]" * 65 + b"}", "application/json", 422, "deeper than 64"),
+        (b"[" * 100_000, "application/json", 422, "deeper than 64"),  # once a RecursionError
+        (b'{"input": "\\ud800"}', "application/json", 400, "surrogate"),  # SQLite cannot store it
+        (b'{"input": 1', "application/vnd.kiln+json", 400, "malformed JSON"),
+    ],
+)
+def test_bodies_must_be_strict_json(client: httpx.Client, body: bytes, content_type, status: int, words: str) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    assert words in _error(client.post("/api/v1/rollouts", content=body, headers=headers), status)
+    assert client.get("/api/v1/rollouts").json() == []
+    _alive(client)
+
+
+def test_json_media_types_and_empty_bodies_are_accepted(client: httpx.Client) -> None:
+    headers = {"content-type": "application/json; charset=utf-8"}
+    ok = client.post("/api/v1/rollouts", content=b'{"input": [1, 2.5]}', headers=headers)
+    assert ok.status_code == 200 and ok.json()["input"] == [1, 2.5]
+    deep = {"input": [[[[[[1]]]]]]}
+    assert client.post("/api/v1/rollouts", json=deep).json()["input"] == deep["input"]
+    assert client.post("/api/v1/dequeue", headers={"content-type": "text/plain"}).status_code == 200  # no body
+
+
+_MANY = {str(i): 1 for i in range(1_001)}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/rollouts", {"config": {"max_attempts": True}}, "max_attempts"),
+        ("/api/v1/rollouts", {"config": {"max_attempts": "3"}}, "max_attempts"),
+        ("/api/v1/rollouts", {"config": {"unresponsive_s": "1.5"}}, "unresponsive_s"),
+        ("/api/v1/rollouts", {"metadata": {str(i): i for i in range(1_001)}}, "metadata"),
+        ("/api/v1/resources", {"metadata": {str(i): i for i in range(1_001)}}, "metadata"),
+        ("/api/v1/spans", [{"rollout_id": "r", "attempt_id": "a", "name": "s", "start_time": "1"}], "start_time"),
+        ("/api/v1/spans", [{"rollout_id": "r", "attempt_id": "a", "name": "s", "attributes": _MANY}], "attributes"),
+        ("/api/v1/spans", [{"rollout_id": "r" * 513, "attempt_id": "a", "name": "s"}], "rollout_id"),
+    ],
+)
+def test_schema_breaking_values_are_refused(client: httpx.Client, path: str, body, field: str) -> None:
+    assert field in _error(client.post(path, json=body), 422, "ValidationError")
+
+
+def test_integral_floats_are_integers(client: httpx.Client) -> None:
+    r = client.post("/api/v1/rollouts", json={"config": {"max_attempts": 3.0, "timeout_s": 2}})
+    assert r.status_code == 200, r.text
+    assert r.json()["config"]["max_attempts"] == 3 and r.json()["config"]["timeout_s"] == 2.0
+
+
+def test_method_not_allowed_lists_the_resource_methods(client: httpx.Client) -> None:
+    r = client.request("OPTIONS", "/api/v1/rollouts/ro-x")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, PATCH"
+    assert "GET, PATCH" in r.json()["error"]["message"]
+    # A literal path wins over the template that would also match it.
+    assert client.delete("/api/v1/rollouts/batch").headers["allow"] == "POST"
+    assert client.put("/api/v1/rollouts").headers["allow"] == "GET, POST"
+
+
+def test_openapi_documents_every_status_with_the_error_body(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, methods in paths.items():
+        if not path.startswith("/api/v1/") or path == "/api/v1/engine":
+            continue
+        for method, op in methods.items():
+            codes = set(op["responses"])
+            assert {"200", "400", "401", "403", "422", "503"} <= codes, (method, path, codes)
+            if "requestBody" in op:
+                assert {"413", "415"} <= codes, (method, path)
+            if "{rollout_id}" in path or "{resources_id}" in path:
+                assert "404" in codes, (method, path)
+            assert op["responses"]["404" if "404" in codes else "401"]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/ErrorBody"
+            }
+    assert "409" in paths["/api/v1/rollouts/{rollout_id}"]["patch"]["responses"]
+    assert "409" in paths["/api/v1/rollouts/{rollout_id}/attempts/{attempt_id}"]["patch"]["responses"]
+    status = next(p for p in paths["/api/v1/rollouts"]["get"]["parameters"] if p["name"] == "status")
+    assert "queuing" in str(status["schema"])  # the accepted statuses are in the schema, not only in code
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "words"),
+    [
+        (b"spans", "text/plain", 415, "application/x-protobuf or application/json"),
+        (b'{"resourceSpans": [{"x": NaN}]}', "application/json", 422, "NaN"),
+        (b'{"resourceSpans": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", "application/json", 422, "deeper than 64"),
+    ],
+)
+def test_otlp_intake_refuses_what_it_cannot_read(client: httpx.Client, body: bytes, content_type, status, words):
+    assert words in _error(client.post("/v1/traces", content=body, headers={"content-type": content_type}), status)
+    _alive(client)

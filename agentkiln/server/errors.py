@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,7 +34,23 @@ _STATUS_TYPES = {
     405: "MethodNotAllowed",
     409: "Conflict",
     413: "PayloadTooLarge",
+    415: "UnsupportedMediaType",
     422: "ValidationError",
+    429: "TooManyRequests",
+    503: "ServiceUnavailable",
+}
+
+_STATUS_MEANINGS = {
+    400: "malformed JSON body or request",
+    401: "missing or invalid API key or token",
+    403: "the key or token may not do this",
+    404: "unknown id (rollout, attempt, resources) or route",
+    409: "the change is not allowed in the current state (e.g. a finished rollout)",
+    413: "request body over the server's limit",
+    415: "request body is not JSON (send Content-Type: application/json)",
+    422: "a field is missing, of the wrong type or out of range (the message names it)",
+    429: "too many requests: retry after the Retry-After header",
+    503: "server at its concurrency limit or shutting down: retry",
 }
 
 
@@ -43,6 +60,22 @@ def error_body(type_: str, message: str) -> dict[str, Any]:
 
 def error_response(status_code: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(type_, message), status_code=status_code, headers=headers)
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="error class, e.g. NotFoundError, ValidationError, MalformedJSON")
+    message: str = Field(description="what was wrong, naming the field or id")
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for these statuses, each with the error body."""
+    return {status: {"model": ErrorBody, "description": _STATUS_MEANINGS[status]} for status in statuses}
 
 
 def _loc(loc: Iterable[Any]) -> str:
@@ -90,7 +123,41 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
     headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
     return error_response(exc.status_code, _STATUS_TYPES.get(exc.status_code, "HTTPError"), message, headers)
+
+
+def _leaf_routes(routes: Iterable[Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """(path prefix, route) for every route, through included routers (FastAPI keeps them nested)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaf_routes(inner.routes, prefix + (getattr(route.include_context, "prefix", "") or ""))
+        else:
+            yield prefix, route
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods of the resource at this path (Starlette's 405 names only its first route's).
+
+    A literal path beats a template that would also match it: /rollouts/batch takes POST
+    only, although GET /rollouts/{rollout_id} would read "batch" as an id.
+    """
+    path = request.url.path
+    by_template: dict[str, set[str]] = {}
+    for prefix, route in _leaf_routes(request.app.router.routes):
+        regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is None or not methods or not path.startswith(prefix):
+            continue
+        if regex.match(path[len(prefix) :]):
+            by_template.setdefault(prefix + route.path, set()).update(methods)
+    if not by_template:
+        return []
+    literal = min(by_template, key=lambda template: template.count("{"))
+    return sorted(by_template[literal])
 
 
 def install_error_handlers(app: FastAPI) -> None:

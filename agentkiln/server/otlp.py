@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import inspect
-import json
 import logging
 import math
 import re
@@ -32,6 +31,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agentkiln.models import MAX_NAME_LENGTH, SpanEvent, SpanIn, SpanStatus, now
 from agentkiln.protocol import Headers, SpanAttrs
+from agentkiln.server.errors import error_responses
+from agentkiln.server.json_body import BodyProblem, is_json_media, parse_json
 from agentkiln.store.base import NotFoundError, Store
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,17 @@ MAX_BODY_BYTES = 16_000_000
 MAX_SPANS_PER_REQUEST = 10_000
 
 _STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
+# An exporter that names no type sends protobuf (the OTLP/HTTP default).
+_PROTOBUF_MEDIA = frozenset({"", "application/x-protobuf", "application/protobuf", "application/octet-stream"})
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"type": "object", "description": "ExportTraceServiceRequest (OTLP/JSON)"}},
+        },
+    }
+}
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
 
 GetStore = Callable[[Request], Store | Awaitable[Store]]
@@ -86,15 +98,21 @@ def _hex_ids_to_base64(obj: Any) -> Any:
 
 
 def parse_request(body: bytes, content_type: str) -> tuple[ExportTraceServiceRequest, bool]:
-    """Decode an export request; returns (request, is_json)."""
+    """Decode an export request; returns (request, is_json). JSON is parsed strictly (see json_body)."""
     msg = ExportTraceServiceRequest()
-    if "json" in content_type.lower():
+    media = content_type.split(";")[0].strip().lower()
+    if is_json_media(content_type):
         try:
-            data = json.loads(body)
+            data = parse_json(body)
+        except BodyProblem as problem:
+            raise HTTPException(problem.status, f"invalid OTLP JSON: {problem.message}") from None
+        try:
             json_format.ParseDict(_hex_ids_to_base64(data), msg, ignore_unknown_fields=True)
         except (ValueError, json_format.ParseError) as exc:
             raise HTTPException(400, f"invalid OTLP JSON: {exc}") from exc
         return msg, True
+    if media not in _PROTOBUF_MEDIA:
+        raise HTTPException(415, f"OTLP body must be application/x-protobuf or application/json, got {media!r}")
     try:
         msg.ParseFromString(body)
     except DecodeError as exc:
@@ -154,7 +172,11 @@ def convert_span(
         end_time=_seconds(span.end_time_unix_nano),
         attributes=attrs,
         events=[
-            SpanEvent(name=e.name or "event", timestamp=_seconds(e.time_unix_nano), attributes=attributes(e.attributes))
+            SpanEvent(
+                name=(e.name or "event")[:MAX_NAME_LENGTH],
+                timestamp=_seconds(e.time_unix_nano),
+                attributes=attributes(e.attributes),
+            )
             for e in span.events
         ],
         status=SpanStatus(code=_STATUS.get(span.status.code, "UNSET"), description=span.status.message or None),
@@ -193,7 +215,11 @@ def build_otlp_router(get_store: GetStore | None = None, *, max_body_bytes: int 
     store_of = get_store or _default_get_store
     router = APIRouter(tags=["otlp"])
 
-    @router.post("/v1/traces")
+    @router.post(
+        "/v1/traces",
+        openapi_extra=_OPENAPI_BODY,
+        responses=error_responses(400, 401, 403, 404, 413, 415, 422, 503),
+    )
     async def export_traces(request: Request) -> Response:
         body = await request.body()
         if len(body) > max_body_bytes:

@@ -32,6 +32,38 @@ log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS_ROOT = "runs"  # where `kiln train` writes adapters when started in the same folder
 
 
+# How the HTTP server bounds what clients can hold (uvicorn's settings; see uvicorn_config):
+# - LIMIT_CONCURRENCY 1024 connections + tasks at once, then 503: room for hundreds of runners,
+#   each with a long poll, a heartbeat and its agents' LLM calls; a flood cannot exhaust file
+#   descriptors (ulimit is often 1024-4096) or memory with parked requests.
+# - KEEP_ALIVE_S 20: idle connections close after 20 s, longer than clients pool them (httpx: 5 s),
+#   so the server never closes a connection a client is about to reuse.
+# - MAX_HEADER_BYTES 64 KiB: h11's bound on an incomplete request head (request line + headers);
+#   h11 is chosen over httptools for it, as httptools has no such bound.
+# - BACKLOG 1024: connections the kernel queues before accept; beyond it clients retry.
+# - GRACEFUL_SHUTDOWN_S 10: a stop waits this long for requests in flight (long polls end
+#   within MAX_WAIT_S = 30 s), then closes them, so SIGTERM never hangs.
+LIMIT_CONCURRENCY = 1024
+KEEP_ALIVE_S = 20
+MAX_HEADER_BYTES = 64 * 1024
+BACKLOG = 1024
+GRACEFUL_SHUTDOWN_S = 10
+
+
+def uvicorn_config(app: Any, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn.Config with the bounds above (kwargs override them)."""
+    settings: dict[str, Any] = {
+        "lifespan": "on",
+        "http": "h11",
+        "limit_concurrency": LIMIT_CONCURRENCY,
+        "timeout_keep_alive": KEEP_ALIVE_S,
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+        "backlog": BACKLOG,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+    }
+    return uvicorn.Config(app, **{**settings, **kwargs})
+
+
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -110,7 +142,7 @@ async def serve_async(
     log.info("published weights load only from %s", ", ".join(str(r) for r in weights_policy.roots))
     app.state.engine = engine
     own_resources(app, store, engine)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    config = uvicorn_config(app, host=host, port=port, log_level=log_level)
     # What start-up allocated (model, libraries, app) lives as long as the server: keep it out of
     # the garbage collector's full passes, which otherwise stall a request now and then.
     gc.collect()
@@ -147,10 +179,10 @@ class ServerThread:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
-        sock.listen(128)
+        sock.listen(BACKLOG)
         self._sock = sock
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn_config(self.app, log_level=self.log_level, timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()

@@ -7,12 +7,13 @@ a typo in a field name must not silently become "no change").
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Body, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from agentkiln.models import (
+    MAX_KEYS,
     MAX_OFFSET,
     Attempt,
     AttemptedRollout,
@@ -32,7 +33,9 @@ from agentkiln.models import (
 )
 from agentkiln.protocol import API_PREFIX
 from agentkiln.server.engine_routes import check_publishable
-from agentkiln.store.base import Store, ValidationError
+from agentkiln.server.errors import error_responses
+from agentkiln.server.json_body import JsonBodyRoute
+from agentkiln.store.base import Store
 
 # A long poll holds a connection and a server task; clients loop for longer waits.
 MAX_WAIT_S = 30.0
@@ -49,7 +52,7 @@ class _RolloutFields(_Body):
     mode: Optional[RolloutMode] = None
     resources_id: Optional[str] = Field(default=None, min_length=1)
     config: Optional[RolloutConfig] = None
-    metadata: Optional[dict[str, Any]] = None
+    metadata: Optional[dict[str, Any]] = Field(default=None, max_length=MAX_KEYS)
 
 
 class EnqueueBody(_RolloutFields):
@@ -87,7 +90,7 @@ class WorkerHeartbeatBody(_Body):
     status: Optional[WorkerStatus] = None
     current_rollout_id: Optional[str] = None
     current_attempt_id: Optional[str] = None
-    metadata: Optional[dict[str, Any]] = None
+    metadata: Optional[dict[str, Any]] = Field(default=None, max_length=MAX_KEYS)
 
 
 class CheckTimeoutsBody(_Body):
@@ -112,20 +115,29 @@ def _enqueue_fields(body: EnqueueBody) -> dict[str, Any]:
     return {"input": body.input, **_set_fields(body)}
 
 
+# ?status=a,b: the pattern is the whole check, so the OpenAPI says exactly what is accepted.
+_STATUS_NAME = "|".join(s.value for s in RolloutStatus)
+_STATUS_PART = f"(?:(?:{_STATUS_NAME}) *)?"
+StatusList = Annotated[str, StringConstraints(pattern=f"^ *{_STATUS_PART}(?:, *{_STATUS_PART})*$")]
+
+
 def _statuses(raw: Optional[list[str]]) -> Optional[list[RolloutStatus]]:
-    """Accepts ?status=a&status=b and ?status=a,b."""
+    """Accepts ?status=a&status=b and ?status=a,b (each already matched StatusList)."""
     if not raw:
         return None
-    names = [part.strip() for item in raw for part in item.split(",") if part.strip()]
-    try:
-        return [RolloutStatus(name) for name in names]
-    except ValueError:
-        allowed = ", ".join(s.value for s in RolloutStatus)
-        raise ValidationError(f"query field 'status': unknown status in {names}; allowed: {allowed}") from None
+    return [RolloutStatus(part.strip()) for item in raw for part in item.split(",") if part.strip()]
 
 
-router = APIRouter()
-api = APIRouter(prefix=API_PREFIX)
+# Every status a route can answer is in the OpenAPI, with the error body: what any route may
+# answer (auth, a bad query, an overloaded server) once here, the rest per kind of route.
+_ANY = error_responses(400, 401, 403, 422, 503)
+_BODY = error_responses(413, 415)  # routes that read a JSON body (JsonBodyRoute: 415 for other media)
+_ID = error_responses(404)  # routes naming a rollout, attempt or resources id
+_BODY_ID = {**_BODY, **_ID}  # writes whose body names ids (resources_id, rollout_ids)
+_CHANGE = {**_BODY_ID, **error_responses(409)}  # writes that move a rollout or attempt
+
+router = APIRouter(responses=error_responses(503))
+api = APIRouter(prefix=API_PREFIX, route_class=JsonBodyRoute, responses=_ANY)
 
 
 @router.get("/health", response_model=Health)
@@ -136,28 +148,28 @@ async def health() -> Health:
 # ----------------------------------------------------------------------------- rollouts
 
 
-@api.post("/rollouts", response_model=Rollout)
+@api.post("/rollouts", response_model=Rollout, responses=_BODY_ID)
 async def enqueue_rollout(request: Request, body: EnqueueBody) -> Rollout:
     return await _store(request).enqueue_rollout(**_enqueue_fields(body))
 
 
-@api.post("/rollouts/batch", response_model=list[Rollout])
+@api.post("/rollouts/batch", response_model=list[Rollout], responses=_BODY_ID)
 async def enqueue_rollouts(request: Request, body: EnqueueBatchBody) -> list[Rollout]:
     return await _store(request).enqueue_rollouts([_enqueue_fields(item) for item in body.items])
 
 
-@api.post("/rollouts/start", response_model=AttemptedRollout)
+@api.post("/rollouts/start", response_model=AttemptedRollout, responses=_BODY_ID)
 async def start_rollout(request: Request, body: StartBody) -> AttemptedRollout:
     return await _store(request).start_rollout(**_enqueue_fields(body))
 
 
-@api.post("/rollouts/wait", response_model=list[Rollout])
+@api.post("/rollouts/wait", response_model=list[Rollout], responses=_BODY_ID)
 async def wait_for_rollouts(request: Request, body: WaitBody) -> list[Rollout]:
     timeout = MAX_WAIT_S if body.timeout is None else min(body.timeout, MAX_WAIT_S)
     return await _store(request).wait_for_rollouts(body.rollout_ids, timeout=timeout)
 
 
-@api.post("/dequeue", response_model=Optional[AttemptedRollout])
+@api.post("/dequeue", response_model=Optional[AttemptedRollout], responses=_BODY)
 async def dequeue_rollout(request: Request, body: DequeueBody = Body(default_factory=DequeueBody)) -> Any:
     return await _store(request).dequeue_rollout(worker_id=body.worker_id)
 
@@ -165,7 +177,7 @@ async def dequeue_rollout(request: Request, body: DequeueBody = Body(default_fac
 @api.get("/rollouts", response_model=list[Rollout])
 async def query_rollouts(
     request: Request,
-    status: Optional[list[str]] = Query(default=None),
+    status: Optional[list[StatusList]] = Query(default=None, description="statuses, repeated or comma-separated"),
     mode: Optional[RolloutMode] = None,
     rollout_id: Optional[list[str]] = Query(default=None),
     limit: int = Query(default=100, ge=0, le=MAX_BATCH),
@@ -176,17 +188,17 @@ async def query_rollouts(
     )
 
 
-@api.get("/rollouts/{rollout_id}", response_model=Rollout)
+@api.get("/rollouts/{rollout_id}", response_model=Rollout, responses=_ID)
 async def get_rollout(request: Request, rollout_id: str) -> Rollout:
     return await _store(request).get_rollout(rollout_id)
 
 
-@api.patch("/rollouts/{rollout_id}", response_model=Rollout)
+@api.patch("/rollouts/{rollout_id}", response_model=Rollout, responses=_CHANGE)
 async def update_rollout(request: Request, rollout_id: str, body: UpdateRolloutBody) -> Rollout:
     return await _store(request).update_rollout(rollout_id, **_set_fields(body))
 
 
-@api.post("/rollouts/{rollout_id}/cancel", response_model=Rollout)
+@api.post("/rollouts/{rollout_id}/cancel", response_model=Rollout, responses=_CHANGE)
 async def cancel_rollout(request: Request, rollout_id: str) -> Rollout:
     return await _store(request).cancel_rollout(rollout_id)
 
@@ -194,17 +206,17 @@ async def cancel_rollout(request: Request, rollout_id: str) -> Rollout:
 # ----------------------------------------------------------------------------- attempts
 
 
-@api.get("/rollouts/{rollout_id}/attempts", response_model=list[Attempt])
+@api.get("/rollouts/{rollout_id}/attempts", response_model=list[Attempt], responses=_ID)
 async def query_attempts(request: Request, rollout_id: str) -> list[Attempt]:
     return await _store(request).query_attempts(rollout_id)
 
 
-@api.get("/rollouts/{rollout_id}/attempts/latest", response_model=Optional[Attempt])
+@api.get("/rollouts/{rollout_id}/attempts/latest", response_model=Optional[Attempt], responses=_ID)
 async def get_latest_attempt(request: Request, rollout_id: str) -> Any:
     return await _store(request).get_latest_attempt(rollout_id)
 
 
-@api.patch("/rollouts/{rollout_id}/attempts/{attempt_id}", response_model=Attempt)
+@api.patch("/rollouts/{rollout_id}/attempts/{attempt_id}", response_model=Attempt, responses=_CHANGE)
 async def update_attempt(request: Request, rollout_id: str, attempt_id: str, body: UpdateAttemptBody) -> Attempt:
     return await _store(request).update_attempt(rollout_id, attempt_id, **_set_fields(body))
 
@@ -212,18 +224,18 @@ async def update_attempt(request: Request, rollout_id: str, attempt_id: str, bod
 # ----------------------------------------------------------------------------- spans
 
 
-@api.post("/spans", response_model=list[Span])
+@api.post("/spans", response_model=list[Span], responses=_CHANGE)
 async def add_spans(request: Request, spans: list[SpanIn] = Body(max_length=MAX_BATCH)) -> list[Span]:
     return await request.app.state.recent_spans.add(_store(request), spans)
 
 
-@api.get("/rollouts/{rollout_id}/spans", response_model=list[Span])
+@api.get("/rollouts/{rollout_id}/spans", response_model=list[Span], responses=_ID)
 async def query_spans(
     request: Request,
     rollout_id: str,
     attempt_id: Optional[str] = None,
     name: Optional[str] = None,
-    limit: int = Query(default=10_000, ge=0, le=100_000),
+    limit: int = Query(default=10_000, ge=0, le=MAX_BATCH),
     offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ) -> list[Span]:
     return await _store(request).query_spans(rollout_id, attempt_id=attempt_id, name=name, limit=limit, offset=offset)
@@ -232,7 +244,7 @@ async def query_spans(
 # ----------------------------------------------------------------------------- resources
 
 
-@api.post("/resources", response_model=Resources)
+@api.post("/resources", response_model=Resources, responses=_BODY)
 async def add_resources(request: Request, body: ResourcesIn) -> Resources:
     check_publishable(request.app, body)  # 422 for weights the engine would refuse to load
     return await _store(request).add_resources(body)
@@ -252,7 +264,7 @@ async def get_latest_resources(request: Request) -> Any:
     return await _store(request).get_latest_resources()
 
 
-@api.get("/resources/{resources_id}", response_model=Resources)
+@api.get("/resources/{resources_id}", response_model=Resources, responses=_ID)
 async def get_resources(request: Request, resources_id: str) -> Resources:
     return await _store(request).get_resources(resources_id)
 
@@ -260,7 +272,7 @@ async def get_resources(request: Request, resources_id: str) -> Resources:
 # ----------------------------------------------------------------------------- workers & lifecycle
 
 
-@api.post("/workers/{worker_id}/heartbeat", response_model=Worker)
+@api.post("/workers/{worker_id}/heartbeat", response_model=Worker, responses=_BODY)
 async def heartbeat_worker(
     request: Request, worker_id: str, body: WorkerHeartbeatBody = Body(default_factory=WorkerHeartbeatBody)
 ) -> Worker:
@@ -272,7 +284,7 @@ async def query_workers(request: Request) -> list[Worker]:
     return await _store(request).query_workers()
 
 
-@api.post("/check-timeouts", response_model=list[Attempt])
+@api.post("/check-timeouts", response_model=list[Attempt], responses=_BODY)
 async def check_timeouts(
     request: Request, body: CheckTimeoutsBody = Body(default_factory=CheckTimeoutsBody)
 ) -> list[Attempt]:
