@@ -170,6 +170,11 @@ class AttemptedRollout(_Wire):
 
     rollout: Rollout
     attempt: Attempt
+    token: Optional[str] = Field(
+        default=None,
+        repr=False,  # never in logs
+        description="The attempt's credential for its agent (gateway calls, its own spans); set by the server",
+    )
 
 
 # --------------------------------------------------------------------------- spans

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
@@ -170,6 +171,34 @@ class SpanAttrs:
 
 
 LLM_ONLY_PREFIX = "kiln.llm."  # attributes only the gateway may write
+
+
+# --------------------------------------------------------------------------- callers
+
+
+class Role(str, Enum):
+    """What a credential may do (server/auth.py holds the route policy)."""
+
+    admin = "admin"
+    runner = "runner"
+    attempt = "attempt"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of one request, as the server's auth middleware identified it (request.state.principal)."""
+
+    role: Role
+    rollout_id: Optional[str] = None
+    attempt_id: Optional[str] = None
+
+
+ADMIN = Principal(Role.admin)
+
+
+def principal_of(request: Any) -> Principal:
+    """The caller of a Starlette request; admin when the server runs without keys."""
+    return getattr(request.state, "principal", ADMIN)
 
 
 # --------------------------------------------------------------------------- one LLM call

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -21,10 +21,18 @@ async def open_backend(kind: str, tmp_path: Path) -> AsyncIterator[Store]:
         from agentkiln.server.serve import ServerThread
         from agentkiln.store.client import HttpStore
 
+        class ClockedHttpStore(HttpStore):
+            """The server API takes no client clock; tests that move time sweep the backing store directly."""
+
+            async def check_timeouts(self, now: float | None = None):  # type: ignore[override]
+                if now is None:
+                    return await super().check_timeouts()
+                return await backing.check_timeouts(now=now)
+
         backing = InMemoryStore()
         server = ServerThread(create_app(backing, sweep_interval_s=0))
         try:
-            async with HttpStore(server.start()) as client:
+            async with ClockedHttpStore(server.start()) as client:
                 yield client
         finally:
             server.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import gzip
 import json
 
@@ -219,11 +221,19 @@ async def test_tracing_helper_tags_spans_with_current_attempt(env):
         return 1.0
 
     r = await store.enqueue_rollout("t")
-    cfg = WorkerConfig(poll_interval_s=0.02, heartbeat_s=0.05, flush_interval_s=0.02)
+    loop, answers = asyncio.get_running_loop(), []
+
+    def export_before_finish() -> None:  # as the runner's force_flush does: spans land before the attempt ends
+        for body in capture.batches:
+            post = client.post("/v1/traces", content=body, headers={"Content-Type": "application/x-protobuf"})
+            answers.append(asyncio.run_coroutine_threadsafe(post, loop).result(10))
+
+    cfg = WorkerConfig(
+        poll_interval_s=0.02, heartbeat_s=0.05, flush_interval_s=0.02, after_attempt=export_before_finish
+    )
     await Runner(agent, store, mode="thread", n_workers=1, until_empty=True, config=cfg).arun()
     assert len(capture.batches) == 1
-    for body in capture.batches:
-        resp = await client.post("/v1/traces", content=body, headers={"Content-Type": "application/x-protobuf"})
+    for resp in answers:
         assert resp.status_code == 200, resp.text
     (att,) = await store.query_attempts(r.rollout_id)
     assert att.status == AttemptStatus.succeeded

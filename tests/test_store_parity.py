@@ -324,14 +324,19 @@ async def test_resent_batch_with_unknown_attempt_still_rejected(store: Store) ->
     assert await store.query_spans(rid) == [known]
 
 
-async def test_span_counts_as_heartbeat_and_late_spans_kept(store: Store) -> None:
+async def test_span_counts_as_heartbeat_and_finished_attempts_take_no_new_spans(store: Store) -> None:
     ar = await store.start_rollout("x")
     rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
-    await store.add_span(_span(rid, aid))
+    first = await store.add_span(_span(rid, aid))
     assert (await store.get_latest_attempt(rid)).last_heartbeat >= ar.attempt.last_heartbeat
     await store.update_attempt(rid, aid, status=AttemptStatus.succeeded)
-    late = await store.add_span(_span(rid, aid, "late"))  # finished attempt: stored, status unchanged
-    assert late.sequence_id == 2
+    # A finished attempt's record is closed (issue 13): a new span is a conflict, nothing of its batch is stored.
+    with pytest.raises(InvalidTransitionError, match="takes no new spans"):
+        await store.add_spans([_span(rid, aid, "late-ok-looking"), _span(rid, aid, "late")])
+    assert [s.name for s in await store.query_spans(rid)] == ["step"]
+    # ...but a re-sent span comes back as first stored (a retried write stays idempotent).
+    again = await store.add_span(_resend(first))
+    assert again.sequence_id == first.sequence_id
     assert (await store.get_latest_attempt(rid)).status == AttemptStatus.succeeded
 
 

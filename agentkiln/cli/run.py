@@ -33,7 +33,15 @@ def run(
     max_rollouts: int | None = typer.Option(None, "--max-rollouts", min=0, help="Stop after this many attempts."),
     until_empty: bool = typer.Option(False, "--until-empty", help="Stop when the queue is empty."),
     mode: str = typer.Option("process", "--mode", help="'process' (isolated, default) or 'thread' (in-process)."),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="KILN_API_KEY", help="Server API key."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar=["KILN_RUNNER_KEY", "KILN_API_KEY"],
+        help="The server's runner key (prefer the env var: a flag shows in `ps`).",
+    ),
+    pass_env: list[str] = typer.Option(
+        [], "--pass-env", help="With --command: a variable of this environment the command also gets (repeatable)."
+    ),
     otel: bool = typer.Option(False, "--otel", help="Export OpenTelemetry spans of the agent to the server."),
     heartbeat_s: float = typer.Option(5.0, "--heartbeat-s", min=0.05, help="Attempt heartbeat interval."),
 ) -> None:
@@ -47,7 +55,7 @@ def run(
     if mode not in ("process", "thread"):
         raise typer.BadParameter("--mode must be 'process' or 'thread'")
     importable_cwd()
-    agent = CommandAgent(command) if command is not None else agent_ref
+    agent = CommandAgent(command, pass_env=pass_env) if command is not None else agent_ref
     if agent_ref is not None:
         from agentkiln.runner.agent import import_agent
 

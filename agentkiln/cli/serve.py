@@ -22,7 +22,17 @@ def serve(
     ),
     port: int = typer.Option(4747, "--port", min=0, max=65535),
     api_key: Optional[str] = typer.Option(
-        None, "--api-key", envvar="KILN_API_KEY", help="Require 'Authorization: Bearer <key>' (or X-Api-Key)."
+        None,
+        "--api-key",
+        envvar="KILN_API_KEY",
+        help="The admin key: require 'Authorization: Bearer <key>' (or X-Api-Key). Prefer the env var: "
+        "a flag shows in `ps`.",
+    ),
+    runner_key: Optional[str] = typer.Option(
+        None,
+        "--runner-key",
+        envvar="KILN_RUNNER_KEY",
+        help="A narrower key for runners (dequeue, heartbeats, their attempts); agents get per-attempt tokens.",
     ),
     engine: str = typer.Option(
         "smollm2", "--engine", help="Inference engine for the gateway; 'none' to serve only the store."
@@ -49,6 +59,7 @@ def serve(
             host=host,
             port=port,
             api_key=api_key or None,
+            runner_key=runner_key or None,
             engine_spec=engine,
             max_body_bytes=int(max_body_mb * 1_000_000),
             weights_roots=weights_root,

@@ -44,7 +44,7 @@ class LLMHandle:
 
     base_url: str | None
     model: str
-    api_key: str = PLACEHOLDER_API_KEY
+    api_key: str = field(default=PLACEHOLDER_API_KEY, repr=False)  # the attempt's token: never logged
     sampling: dict[str, Any] = field(default_factory=dict)
     name: str = "main"
     agent: str | None = None
@@ -125,7 +125,7 @@ class Invocation:
     llms: dict[str, LLMHandle]
     prompts: dict[str, PromptTemplate]
     server_url: str | None = None  # the kiln server (gateway, store API, OTLP intake), when known
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # this attempt's token (not the runner's key)
 
     def value(self, name: str) -> Any:
         return getattr(self, name)

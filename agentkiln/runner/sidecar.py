@@ -81,6 +81,16 @@ def sidecar_env(inv: Invocation) -> dict[str, str]:
     return env
 
 
+# What a program needs to start and find its tools; the runner's keys and secrets stay out.
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM",
+            "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT")  # fmt: skip
+
+
+def base_env(pass_env: Sequence[str] = ()) -> dict[str, str]:
+    """The runner's variables a sidecar inherits: BASE_ENV plus the names the user lists."""
+    return {name: os.environ[name] for name in (*BASE_ENV, *pass_env) if name in os.environ}
+
+
 def parse_reward(text: str) -> float | dict[str, float]:
     text = text.strip()
     if text.startswith("{"):
@@ -90,7 +100,11 @@ def parse_reward(text: str) -> float | dict[str, float]:
 
 
 class CommandAgent(BaseAgent):
-    """Agent that runs `command` once per attempt (a shell string, or an argv list run without a shell)."""
+    """Agent that runs `command` once per attempt (a shell string, or an argv list run without a shell).
+
+    The program sees BASE_ENV, the variables named in `pass_env`, `env`, and the attempt's
+    own variables (sidecar_env): its OpenAI key is the attempt's token, never the runner's key.
+    """
 
     def __init__(
         self,
@@ -98,12 +112,14 @@ class CommandAgent(BaseAgent):
         *,
         cwd: str | None = None,
         env: dict[str, str] | None = None,
+        pass_env: Sequence[str] = (),
         kill_grace_s: float = 2.0,
         on_line: Callable[[str], None] | None = None,
     ):
         self.command = command
         self.cwd = cwd
         self.env = dict(env or {})
+        self.pass_env = tuple(pass_env)
         self.kill_grace_s = kill_grace_s
         self.on_line = on_line
         self.name = command if isinstance(command, str) else shlex.join(command)
@@ -115,7 +131,8 @@ class CommandAgent(BaseAgent):
         return self.run(inv)
 
     async def run(self, inv: Invocation) -> float | dict[str, float] | None:
-        env = {**os.environ, **self.env, **sidecar_env(inv)}
+        # A minimal environment: never the runner's own keys (the attempt's token comes from sidecar_env).
+        env = {**base_env(self.pass_env), **self.env, **sidecar_env(inv)}
         kwargs: dict[str, Any] = dict(
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

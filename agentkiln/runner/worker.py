@@ -163,13 +163,16 @@ class RolloutWorker:
 
     def build_invocation(self, ar: AttemptedRollout, resources: Resources | None) -> Invocation:
         rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
+        # The agent gets the attempt's own token (its gateway calls and spans only), never the runner's key;
+        # a store without a server (no token) falls back to the configured key.
+        agent_key = ar.token or self.config.api_key
         base_url = None
         if self.config.gateway_url:
             base_url = attempt_base_url(self.config.gateway_url, rid, aid)
         llms: dict[str, LLMHandle] = {}
         if resources is not None:
             for name, endpoint in resources.llms.items():
-                llms[name] = LLMHandle.from_endpoint(name, endpoint, base_url=base_url, api_key=self.config.api_key)
+                llms[name] = LLMHandle.from_endpoint(name, endpoint, base_url=base_url, api_key=agent_key)
         # `llm` is the shared endpoint, never one naming a single agent's weights (unless that is all there is).
         main = llms.get("main") or next((h for h in llms.values() if h.agent is None), None)
         main = main or next(iter(llms.values()), None)
@@ -182,7 +185,7 @@ class RolloutWorker:
             llms=llms,
             prompts=dict(resources.prompts) if resources is not None else {},
             server_url=self.config.gateway_url.rstrip("/") if self.config.gateway_url else None,
-            api_key=self.config.api_key,
+            api_key=agent_key,
         )
 
     # ------------------------------------------------------------------ one attempt

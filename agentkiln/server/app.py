@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 from fastapi import FastAPI
 
 from agentkiln.engine.weight_roots import WeightsPolicy
 from agentkiln.engine.weight_sync import ModelSync
 from agentkiln.gateway.router import install_gateway
+from agentkiln.server.auth import AttemptTokens, AuthMiddleware
 from agentkiln.server.engine_routes import build_engine_status_router
 from agentkiln.server.errors import (
-    ApiKeyMiddleware,
     BodyLimitMiddleware,
     UnexpectedErrorMiddleware,
     install_error_handlers,
@@ -48,6 +49,7 @@ def create_app(
     store: Store,
     *,
     api_key: str | None = None,
+    runner_key: str | None = None,
     max_body_bytes: int = 16_000_000,
     sweep_interval_s: float = 1.0,
     public_paths: Iterable[str] = ("/health",),
@@ -56,7 +58,13 @@ def create_app(
     allowed_hosts: Iterable[str] | None = None,
     weights_policy: WeightsPolicy | None = None,
 ) -> FastAPI:
-    """Build the server around `store`. sweep_interval_s <= 0 turns the background sweep off."""
+    """Build the server around `store`. sweep_interval_s <= 0 turns the background sweep off.
+
+    `api_key` is the admin key; `runner_key` (needs `api_key`) is the runners' narrower key;
+    agents get per-attempt tokens (see server/auth.py).
+    """
+    if runner_key and not api_key:
+        raise ValueError("a runner key needs an admin API key beside it")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,6 +90,7 @@ def create_app(
     app.state.model_sync = None
     # Which published weights may be loaded (default: only under $KILN_WEIGHTS_ROOTS; see weight_roots).
     app.state.weights_policy = weights_policy if weights_policy is not None else WeightsPolicy.build()
+    app.state.attempt_tokens = AttemptTokens.for_key(api_key)  # the dequeue/start routes mint one per attempt
     install_error_handlers(app)
     app.include_router(store_router)
     app.include_router(build_otlp_router())
@@ -92,7 +101,13 @@ def create_app(
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key, public_paths=public_paths)
+        app.add_middleware(
+            AuthMiddleware,
+            admin_key=api_key,
+            runner_key=runner_key,
+            tokens=app.state.attempt_tokens,
+            public_paths=public_paths,
+        )
     app.add_middleware(UnexpectedErrorMiddleware)
     if allowed_hosts is not None:  # outermost: a rebinding page's request never reaches a route
         app.add_middleware(TrustedHostMiddleware, allowed=allowed_hosts)

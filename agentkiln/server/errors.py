@@ -8,10 +8,10 @@ before any route (gateway, OTLP intake, dashboard) parses a byte.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,16 +20,14 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agentkiln.protocol import Headers
 from agentkiln.store.base import StoreError
-
-_API_KEY_HEADER = Headers.api_key.encode()
 
 log = logging.getLogger(__name__)
 
 _STATUS_TYPES = {
     400: "BadRequest",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "NotFound",
     405: "MethodNotAllowed",
     409: "Conflict",
@@ -169,7 +167,7 @@ def install_error_handlers(app: FastAPI) -> None:
 # --------------------------------------------------------------------------- ASGI guards
 
 
-async def _send_error(
+async def send_error(
     send: Send, status: int, type_: str, message: str, extra: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
     body = json.dumps(error_body(type_, message)).encode()
@@ -215,10 +213,10 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await _send_error(send, 400, "BadRequest", "invalid Content-Length header")
+                    await send_error(send, 400, "BadRequest", "invalid Content-Length header")
                     return
                 if declared > limit:
-                    await _send_error(send, 413, "PayloadTooLarge", f"request body larger than {limit} bytes")
+                    await send_error(send, 413, "PayloadTooLarge", f"request body larger than {limit} bytes")
                     return
         received = 0
         response = _ResponseWatch(send)
@@ -237,46 +235,7 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             # A route that read the body outside FastAPI's handler chain (raw ASGI) lands here.
             if not response.started:
-                await _send_error(send, 413, "PayloadTooLarge", f"request body larger than {limit} bytes")
-
-
-class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` or `X-Api-Key: <key>` on every path but the public ones."""
-
-    def __init__(self, app: ASGIApp, api_key: str, public_paths: Iterable[str] = ("/health",)) -> None:
-        self.app = app
-        self.api_key = api_key.encode()
-        self.public_paths = frozenset(public_paths)
-
-    def _presented(self, scope: Scope) -> bytes | None:
-        for name, value in scope.get("headers", ()):
-            if name == _API_KEY_HEADER:
-                return value.strip()
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    return token.strip()
-        return None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope.get("path") in self.public_paths:
-            await self.app(scope, receive, send)
-            return
-        presented = self._presented(scope)
-        if presented is not None and hmac.compare_digest(presented, self.api_key):
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] != "http":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        message = "missing API key" if presented is None else "invalid API key"
-        await _send_error(
-            send,
-            401,
-            "Unauthorized",
-            f"{message}: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'",
-            [(b"www-authenticate", b"Bearer")],
-        )
+                await send_error(send, 413, "PayloadTooLarge", f"request body larger than {limit} bytes")
 
 
 class UnexpectedErrorMiddleware:
@@ -300,4 +259,4 @@ class UnexpectedErrorMiddleware:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if response.started:
                 raise
-            await _send_error(send, 500, "InternalError", f"{type(exc).__name__}: {exc}")
+            await send_error(send, 500, "InternalError", f"{type(exc).__name__}: {exc}")

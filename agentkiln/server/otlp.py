@@ -30,7 +30,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from agentkiln.models import MAX_NAME_LENGTH, SpanEvent, SpanIn, SpanStatus, now
-from agentkiln.protocol import Headers, SpanAttrs
+from agentkiln.protocol import Headers, SpanAttrs, principal_of
+from agentkiln.server.auth import check_span_writes
 from agentkiln.server.errors import error_responses
 from agentkiln.server.json_body import BodyProblem, is_json_media, parse_json
 from agentkiln.store.base import NotFoundError, Store
@@ -264,6 +265,7 @@ def build_otlp_router(get_store: GetStore | None = None, *, max_body_bytes: int 
                 )
             except ValueError as exc:  # pydantic validation of a malformed span
                 raise HTTPException(400, f"span {span.name!r}: {exc}") from exc
+        check_span_writes(principal_of(request), spans)
         if spans:
             # OTLP exporters retry whole batches: the app's RecentSpans (when present) drops re-sent spans.
             recent = getattr(request.app.state, "recent_spans", None)

@@ -31,7 +31,8 @@ from agentkiln.models import (
     Worker,
     WorkerStatus,
 )
-from agentkiln.protocol import API_PREFIX
+from agentkiln.protocol import API_PREFIX, principal_of
+from agentkiln.server.auth import check_span_writes
 from agentkiln.server.engine_routes import check_publishable
 from agentkiln.server.errors import error_responses
 from agentkiln.server.json_body import JsonBodyRoute
@@ -49,10 +50,10 @@ class _Body(BaseModel):
 class _RolloutFields(_Body):
     """What a client may set on a rollout, when enqueueing it and later."""
 
-    mode: Optional[RolloutMode] = None
-    resources_id: Optional[str] = Field(default=None, min_length=1)
-    config: Optional[RolloutConfig] = None
-    metadata: Optional[dict[str, Any]] = Field(default=None, max_length=MAX_KEYS)
+    mode: RolloutMode | None = None
+    resources_id: str | None = Field(default=None, min_length=1)
+    config: RolloutConfig | None = None
+    metadata: dict[str, Any] | None = Field(default=None, max_length=MAX_KEYS)
 
 
 class EnqueueBody(_RolloutFields):
@@ -64,37 +65,37 @@ class EnqueueBatchBody(_Body):
 
 
 class DequeueBody(_Body):
-    worker_id: Optional[str] = None
+    worker_id: str | None = None
 
 
 class StartBody(EnqueueBody):
-    worker_id: Optional[str] = None
+    worker_id: str | None = None
 
 
 class UpdateRolloutBody(_RolloutFields):
-    status: Optional[RolloutStatus] = None
+    status: RolloutStatus | None = None
 
 
 class WaitBody(_Body):
     rollout_ids: list[str] = Field(max_length=MAX_BATCH)
-    timeout: Optional[Number] = Field(default=None, ge=0, description=f"capped at {MAX_WAIT_S:g}s per request")
+    timeout: Number | None = Field(default=None, ge=0, description=f"capped at {MAX_WAIT_S:g}s per request")
 
 
 class UpdateAttemptBody(_Body):
-    status: Optional[AttemptStatus] = None
-    worker_id: Optional[str] = None
-    error: Optional[AttemptError] = None
+    status: AttemptStatus | None = None
+    worker_id: str | None = None
+    error: AttemptError | None = None
 
 
 class WorkerHeartbeatBody(_Body):
-    status: Optional[WorkerStatus] = None
-    current_rollout_id: Optional[str] = None
-    current_attempt_id: Optional[str] = None
-    metadata: Optional[dict[str, Any]] = Field(default=None, max_length=MAX_KEYS)
+    status: WorkerStatus | None = None
+    current_rollout_id: str | None = None
+    current_attempt_id: str | None = None
+    metadata: dict[str, Any] | None = Field(default=None, max_length=MAX_KEYS)
 
 
 class CheckTimeoutsBody(_Body):
-    now: Optional[Number] = None
+    """Empty on purpose: the sweep runs on the server's clock, so a client's `now` is refused (422)."""
 
 
 class Health(BaseModel):
@@ -121,7 +122,7 @@ _STATUS_PART = f"(?:(?:{_STATUS_NAME}) *)?"
 StatusList = Annotated[str, StringConstraints(pattern=f"^ *{_STATUS_PART}(?:, *{_STATUS_PART})*$")]
 
 
-def _statuses(raw: Optional[list[str]]) -> Optional[list[RolloutStatus]]:
+def _statuses(raw: list[str] | None) -> list[RolloutStatus] | None:
     """Accepts ?status=a&status=b and ?status=a,b (each already matched StatusList)."""
     if not raw:
         return None
@@ -158,9 +159,17 @@ async def enqueue_rollouts(request: Request, body: EnqueueBatchBody) -> list[Rol
     return await _store(request).enqueue_rollouts([_enqueue_fields(item) for item in body.items])
 
 
+def _with_token(request: Request, started: AttemptedRollout | None) -> AttemptedRollout | None:
+    """The attempt's own credential rides along: the runner hands it (not its key) to the agent."""
+    if started is None:
+        return None
+    token = request.app.state.attempt_tokens.mint(started.rollout.rollout_id, started.attempt.attempt_id)
+    return started.model_copy(update={"token": token})
+
+
 @api.post("/rollouts/start", response_model=AttemptedRollout, responses=_BODY_ID)
-async def start_rollout(request: Request, body: StartBody) -> AttemptedRollout:
-    return await _store(request).start_rollout(**_enqueue_fields(body))
+async def start_rollout(request: Request, body: StartBody) -> Any:
+    return _with_token(request, await _store(request).start_rollout(**_enqueue_fields(body)))
 
 
 @api.post("/rollouts/wait", response_model=list[Rollout], responses=_BODY_ID)
@@ -171,15 +180,15 @@ async def wait_for_rollouts(request: Request, body: WaitBody) -> list[Rollout]:
 
 @api.post("/dequeue", response_model=Optional[AttemptedRollout], responses=_BODY)
 async def dequeue_rollout(request: Request, body: DequeueBody = Body(default_factory=DequeueBody)) -> Any:
-    return await _store(request).dequeue_rollout(worker_id=body.worker_id)
+    return _with_token(request, await _store(request).dequeue_rollout(worker_id=body.worker_id))
 
 
 @api.get("/rollouts", response_model=list[Rollout])
 async def query_rollouts(
     request: Request,
-    status: Optional[list[StatusList]] = Query(default=None, description="statuses, repeated or comma-separated"),
-    mode: Optional[RolloutMode] = None,
-    rollout_id: Optional[list[str]] = Query(default=None),
+    status: list[StatusList] | None = Query(default=None, description="statuses, repeated or comma-separated"),
+    mode: RolloutMode | None = None,
+    rollout_id: list[str] | None = Query(default=None),
     limit: int = Query(default=100, ge=0, le=MAX_BATCH),
     offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ) -> list[Rollout]:
@@ -226,6 +235,7 @@ async def update_attempt(request: Request, rollout_id: str, attempt_id: str, bod
 
 @api.post("/spans", response_model=list[Span], responses=_CHANGE)
 async def add_spans(request: Request, spans: list[SpanIn] = Body(max_length=MAX_BATCH)) -> list[Span]:
+    check_span_writes(principal_of(request), spans)
     return await request.app.state.recent_spans.add(_store(request), spans)
 
 
@@ -233,8 +243,8 @@ async def add_spans(request: Request, spans: list[SpanIn] = Body(max_length=MAX_
 async def query_spans(
     request: Request,
     rollout_id: str,
-    attempt_id: Optional[str] = None,
-    name: Optional[str] = None,
+    attempt_id: str | None = None,
+    name: str | None = None,
     limit: int = Query(default=10_000, ge=0, le=MAX_BATCH),
     offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ) -> list[Span]:
@@ -288,7 +298,8 @@ async def query_workers(request: Request) -> list[Worker]:
 async def check_timeouts(
     request: Request, body: CheckTimeoutsBody = Body(default_factory=CheckTimeoutsBody)
 ) -> list[Attempt]:
-    return await _store(request).check_timeouts(now=body.now)
+    """Run the timeout sweep now, on the server's clock (a client never supplies the time)."""
+    return await _store(request).check_timeouts()
 
 
 router.include_router(api)

@@ -347,7 +347,10 @@ class HttpStore(Store):
 
     # ------------------------------------------------------------------ lifecycle
     async def check_timeouts(self, now: Optional[float] = None) -> list[Attempt]:
-        return self._parse(list[Attempt], await self._request("POST", "/check-timeouts", json=_body(now=now)))
+        """Ask the server to sweep now, on its own clock (admin key); a client cannot move that clock."""
+        if now is not None:
+            raise ValueError("the server sweeps on its own clock: check_timeouts(now=...) works on a local store only")
+        return self._parse(list[Attempt], await self._request("POST", "/check-timeouts"))
 
 
 def _seg(value: str) -> str:

@@ -227,6 +227,15 @@ def _settle(rollout: Rollout, attempt: Attempt, is_latest: bool, now: float) -> 
     return rollout.model_copy(update={"status": status, "end_time": now if status.finished else None})
 
 
+def check_accepts_new_spans(attempt: Attempt) -> None:
+    """A finished attempt's record is closed: new spans are a conflict (re-sent ones still come back as stored)."""
+    if attempt.status.finished:
+        raise InvalidTransitionError(
+            f"attempt {attempt.attempt_id} of rollout {attempt.rollout_id} is already {attempt.status.value}; "
+            "it takes no new spans"
+        )
+
+
 def record_activity(rollout: Rollout | None, attempt: Attempt, is_latest: bool, now: float) -> Change:
     """A heartbeat or span: refresh the attempt and revive it if it was unresponsive and still owns the rollout.
 

@@ -292,8 +292,10 @@ class InMemoryStore(Store):
     async def add_spans(self, spans: Sequence[SpanIn]) -> list[Span]:
         records = [lifecycle.span_record(s) for s in spans]
         async with self._lock:
-            for s in spans:  # validate the whole batch before storing any of it
-                self._attempt(s.rollout_id, s.attempt_id)
+            for rec in records:  # validate the whole batch before storing any of it
+                attempt, _ = self._attempt(rec["rollout_id"], rec["attempt_id"])
+                if (rec["rollout_id"], rec["attempt_id"], rec["span_id"]) not in self._span_keys:
+                    lifecycle.check_accepts_new_spans(attempt)
             now = wall_now()
             out, added = [], 0
             for rec in records:

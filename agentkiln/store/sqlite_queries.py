@@ -161,6 +161,7 @@ def insert_spans(conn: sqlite3.Connection, records: list[dict[str, Any]], attrib
             out.append(span.model_copy(deep=True))
             continue
         rollout, attempt, last = owners[span_key[:2]]
+        lifecycle.check_accepts_new_spans(attempt)  # before anything of the batch is written
         owners[span_key[:2]] = (rollout, attempt, last + 1)
         span = known[span_key] = Span.model_validate({**rec, "sequence_id": last + 1})
         out.append(span)

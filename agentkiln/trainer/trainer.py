@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -31,6 +32,7 @@ class Trainer:
         engine: Union[str, Engine, None] = "smollm2",
         server_url: Optional[str] = None,
         api_key: Optional[str] = None,
+        runner_key: Optional[str] = None,
         run_dir: Union[str, Path] = "runs/latest",
         port: int = 0,
         on_event: Optional[Callable[[str, dict[str, Any]], None]] = None,
@@ -42,6 +44,8 @@ class Trainer:
         self.engine = engine
         self.server_url = server_url
         self.api_key = api_key
+        # Its runners hold only a runner key: with an embedded server and an admin key, a fresh one.
+        self.runner_key = runner_key
         self.run_dir = Path(run_dir)
         self.port = port
         self.on_event = on_event or (lambda kind, data: None)
@@ -65,7 +69,12 @@ class Trainer:
         self._engine_obj = engine
         # Published weights load only from this run's folder (and $KILN_WEIGHTS_ROOTS).
         policy = WeightsPolicy.build([self.run_dir])
-        app = create_app(store, api_key=self.api_key, engine=engine, weights_policy=policy)
+        if self.api_key and not self.runner_key:
+            self.runner_key = secrets.token_urlsafe(32)
+        app = create_app(
+            store, api_key=self.api_key, runner_key=self.runner_key, engine=engine, weights_policy=policy
+        )
+        app.state.run_dirs = [self.run_dir]  # the dashboard shows this run
         own_resources(app, store, engine)
         self._server = ServerThread(app, port=self.port)
         url = self._server.start(timeout=600)
@@ -89,7 +98,7 @@ class Trainer:
         url = self.server_url or self.start_server()
         runner = runner_thread = None
         if agent is not None:
-            runner = Runner(agent, url, n_workers=self.n_runners, mode=self.runner_mode, api_key=self.api_key)  # type: ignore[arg-type]
+            runner = Runner(agent, url, n_workers=self.n_runners, mode=self.runner_mode, api_key=self.runner_key or self.api_key)  # type: ignore[arg-type]
             runner_thread = threading.Thread(target=runner.run, name="kiln-runners", daemon=True)
             runner_thread.start()
         try:
