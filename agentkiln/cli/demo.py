@@ -28,6 +28,7 @@ def build_demo_algorithm(
     samples: int,
     eval_every: int,
     model_dir: Optional[str] = None,
+    overlap: bool = True,
 ) -> Any:
     from agentkiln.algorithms.grpo import GRPO, GRPOConfig, LoraSettings
 
@@ -40,6 +41,7 @@ def build_demo_algorithm(
         tasks_per_step=tasks_per_step,
         samples_per_task=samples,
         eval_every=eval_every,
+        overlap=overlap,  # sample the next step while learning this one (one step off-policy)
         config=GRPOConfig(lr=lr, lora=LoraSettings(r=16, alpha=32), micro_batch_size=8, kl_coef=0.0),
     )
 
@@ -66,6 +68,7 @@ def demo(
     samples: int = typer.Option(8, help="rollouts per task (GRPO group size)"),
     eval_every: int = typer.Option(5),
     lr: float = typer.Option(2e-4),
+    overlap: bool = typer.Option(True, help="sample the next step while learning this one (one step off-policy)"),
     engine: str = typer.Option("smollm2", help="engine spec: smollm2 (real model) or tiny (smoke test)"),
     fresh: bool = typer.Option(True, help="start over instead of resuming a checkpoint in run_dir"),
     verbose: bool = typer.Option(False, help="log to the terminal instead of run_dir/demo.log"),
@@ -94,6 +97,7 @@ def demo(
         samples=samples,
         eval_every=eval_every,
         model_dir=str(tiny_model_dir()) if engine == "tiny" else None,
+        overlap=overlap,
     )
     algorithm.resume = not fresh
     console.print(

@@ -119,6 +119,8 @@ class WeightsPlan:
 
     unit: what a step is called in records, metadata and adapter folders ("step", "round").
     checkpoint: write each learner's checkpoint after every step (what `resume` reads).
+    overlap: sample step k+1 while learning step k (one step off-policy); a step that validates
+        samples the next one afterwards, under the weights it validated.
     """
 
     algorithm: str
@@ -138,6 +140,7 @@ class WeightsPlan:
     agents: Any = None
     agent_match: str | None = None
     curriculum: Any = None
+    overlap: bool = False
 
     @classmethod
     def of(cls, algo: Any, **fields: Any) -> WeightsPlan:
@@ -193,6 +196,25 @@ class _TaskPicker:
         self.plan.curriculum.save(self.path)
 
 
+@dataclass
+class _Sampled:
+    traces: list[Trace]
+    seconds: float
+    behind: int  # how many weight versions the sampling policy lags the learner when it learns from these
+
+
+async def _sample(
+    run: Run, plan: WeightsPlan, picker: _TaskPicker, step: int, resources_id: str, weights_step: int
+) -> _Sampled:
+    """One step's rollouts under the weights of `weights_step` (tasks are picked in step order, so
+    overlapping does not change which tasks a step gets)."""
+    tasks = picker.next()
+    t0 = time.monotonic()
+    traces = await run.rollouts(tasks, resources_id, RolloutMode.train, f"{plan.group_prefix}{step}", plan.samples_per_task)
+    picker.record(tasks, traces)
+    return _Sampled(traces, round(time.monotonic() - t0, 2), step - 1 - weights_step)
+
+
 async def train_weights(
     algo: WeightsAlgorithm, plan: WeightsPlan, ctx: TrainingContext, train_data: Sequence[Any], val_data: Any
 ) -> TrainingResult:
@@ -241,27 +263,43 @@ async def train_weights(
         result.val_before = result.best_val = await run.validate(val_data, resources.resources_id, "before")
 
     picker = _TaskPicker(plan, train_data, start, run.run_dir)
+
+    weights_step = start  # the step whose weights the engine serves
+
+    def sample(step: int) -> asyncio.Task[_Sampled]:
+        return asyncio.create_task(_sample(run, plan, picker, step, resources.resources_id, weights_step))
+
+    pending = sample(start + 1) if start < plan.steps else None
     for step in range(start + 1, plan.steps + 1):
-        if run.out_of_time(plan.time_budget_s):
+        if pending is None:
             log.info("time budget of %.0fs reached after %d %ss", plan.time_budget_s, step - 1, unit)
             break
-        tasks = picker.next()
+        sampled = await pending
+        # One step off-policy: the next step samples under the weights this step learns from while
+        # the learner works; the recorded logprobs give the importance ratio, and new weights are
+        # only swapped in between sampling phases (no rollout sees two versions).
+        more = step < plan.steps and not run.out_of_time(plan.time_budget_s)
+        due = bool(val_data) and (step % plan.eval_every == 0 or not more)
+        pending = sample(step + 1) if more and plan.overlap and not due else None
+        traces = sampled.traces
+        record: dict[str, Any] = {unit: step, "train_reward": mean_reward(traces), "sample_s": sampled.seconds}
+        if plan.overlap:
+            record["behind"] = sampled.behind
         t0 = time.monotonic()
-        traces = await run.rollouts(
-            tasks, resources.resources_id, RolloutMode.train, f"{plan.group_prefix}{step}", plan.samples_per_task
-        )
-        sample_s = time.monotonic() - t0
-        picker.record(tasks, traces)
-        record: dict[str, Any] = {unit: step, "train_reward": mean_reward(traces), "sample_s": round(sample_s, 2)}
         learned, changed = await algo._learn_step(policies, traces)
         record.update(learned)
+        record["learn_s"] = round(time.monotonic() - t0, 2)
         if changed:
             adapters = await save_all(step, checkpoint=plan.checkpoint)
+            if pending is not None:
+                await asyncio.wait([pending])  # the engine swaps weights only between sampling phases
             resources = await publish(adapters, {unit: step})
+            weights_step = step
             # The engine has loaded this step's adapters; older ones are only disk weight now.
             for policy in policies:
                 shutil.rmtree(policy.adapter_dir(step - 2, unit), ignore_errors=True)
-            last = step == plan.steps or run.out_of_time(plan.time_budget_s)
+            # Overlapped, the last step is known when its successor would have started sampling.
+            last = not more if plan.overlap else step == plan.steps or run.out_of_time(plan.time_budget_s)
             if val_data and (step % plan.eval_every == 0 or last):
                 val = record["val_reward"] = await run.validate(val_data, resources.resources_id, f"{unit}-{step}")
                 if result.best_val is None or val > result.best_val:
@@ -272,6 +310,8 @@ async def train_weights(
                     result.best_val = val
         record["elapsed_s"] = round(run.elapsed(), 1)
         run.record(unit, record)
+        if pending is None and step < plan.steps and not run.out_of_time(plan.time_budget_s):
+            pending = sample(step + 1)  # sequential, or right after a validation
 
     # Serve the best weights found (the base model if training never beat it).
     if val_data:

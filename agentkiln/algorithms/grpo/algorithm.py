@@ -50,6 +50,9 @@ class GRPO(Algorithm):
         calls only; agents not listed keep the base weights. Exclusive with agent_match.
     curriculum: optional task sampler (agentkiln.algorithms.curriculum.Curriculum); None =
         shuffled round-robin.
+    overlap: sample the next step while the learner updates on this one (one step
+        off-policy: the clipped ratio against the recorded sampling logprobs corrects for the
+        lag; weights change only between sampling phases). False = strictly on-policy.
     """
 
     model_dir: str | None = None
@@ -69,6 +72,7 @@ class GRPO(Algorithm):
     seed: int = 0
     prompts: dict[str, Any] = field(default_factory=dict)
     curriculum: Any | None = None
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.agents is not None:  # fail at construction, not after the server has started
