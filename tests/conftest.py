@@ -10,7 +10,7 @@ import pytest
 
 from agentkiln.store import InMemoryStore, SqliteStore, Store
 
-STORE_KINDS = ["memory", "sqlite", "http"]
+STORE_KINDS = ["memory", "sqlite", "http", "postgres"]  # postgres: skipped without a server (see pg_fixtures)
 
 
 @asynccontextmanager
@@ -37,6 +37,18 @@ async def open_backend(kind: str, tmp_path: Path) -> AsyncIterator[Store]:
         finally:
             server.stop()
             await backing.close()
+        return
+    if kind == "postgres":  # a fresh schema of the test server, dropped afterwards
+        from tests.pg_fixtures import fresh_schema
+
+        async with fresh_schema() as (url, schema):  # skips first when psycopg or the server is missing
+            from agentkiln.store.postgres import PostgresStore
+
+            pg = PostgresStore(url, schema=schema)
+            try:
+                yield pg
+            finally:
+                await pg.close()
         return
     if kind == "memory":
         store: Store = InMemoryStore()

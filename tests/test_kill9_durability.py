@@ -1,4 +1,4 @@
-"""Every span the server acknowledged survives `kill -9` of `kiln serve` (SQLite store)."""
+"""Every span the server acknowledged survives `kill -9` of `kiln serve` (SQLite and PostgreSQL stores)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 class _Server:
-    def __init__(self, db: Path, log: Path) -> None:
+    def __init__(self, store: str, log: Path) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -37,7 +37,7 @@ class _Server:
             "--engine",
             "none",
             "--store",
-            str(db),
+            store,
             "--port",
             str(self.port),
         ]
@@ -69,13 +69,21 @@ class _Server:
         self.log.close()
 
 
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator:
+@pytest.fixture(params=["sqlite", "postgres"])
+def start_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
     started: list[_Server] = []
     log_path = tmp_path / "server.log"
+    schema = None
+    if request.param == "postgres":  # a fresh schema of the test server, dropped afterwards
+        from tests.pg_fixtures import drop_schema, require_postgres
+
+        schema = f"kiln_kill9_{uuid.uuid4().hex[:12]}"
+        store = f"{require_postgres()}?schema={schema}"
+    else:
+        store = str(tmp_path / "k.db")
 
     def start() -> _Server:
-        server = _Server(tmp_path / "k.db", log_path)
+        server = _Server(store, log_path)
         started.append(server)
         server.wait_ready(log_path)
         return server
@@ -83,6 +91,8 @@ def start_server(tmp_path: Path) -> Iterator:
     yield start
     for server in started:
         server.stop()
+    if schema is not None:
+        drop_schema(schema)
 
 
 def _writer(url: str, rid: str, aid: str, acked: list[str], stop: threading.Event) -> None:
@@ -131,7 +141,7 @@ def test_acknowledged_spans_survive_kill9(start_server) -> None:
     again = start_server()
     rollout = httpx.get(f"{again.url}/api/v1/rollouts/{rid}").json()
     assert rollout["rollout_id"] == rid and rollout["input"] == {"task": "durable"}
-    spans = httpx.get(f"{again.url}/api/v1/rollouts/{rid}/spans", params={"limit": 100_000}, timeout=30).json()
+    spans = httpx.get(f"{again.url}/api/v1/rollouts/{rid}/spans", params={"limit": 10_000}, timeout=30).json()
     stored = [s["span_id"] for s in spans]
     missing = set(acked) - set(stored)
     assert not missing, f"{len(missing)} acknowledged spans lost after kill -9"

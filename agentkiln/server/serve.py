@@ -72,7 +72,11 @@ async def open_store_async(store_url: str) -> Store:
     """`agentkiln.store.open_store` may be sync or async; accept both."""
     from agentkiln.store import open_store
 
-    return await _maybe_await(open_store(store_url))
+    store = await _maybe_await(open_store(store_url))
+    opener = getattr(store, "open", None)  # a database store connects and migrates now: a bad URL fails at start
+    if opener is not None:
+        await opener()
+    return store
 
 
 async def build_engine_async(spec: str) -> Any:

@@ -1,0 +1,63 @@
+"""A reachable PostgreSQL for tests: URL from KILN_TEST_POSTGRES_URL, one fresh schema per test.
+
+Without a server the PostgreSQL tests are skipped, except in CI (CI=true), where they fail:
+a CI run must never pass by quietly testing nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+DEFAULT_URL = "postgresql://root@127.0.0.1:5432/test"
+
+
+def postgres_url() -> str:
+    return os.environ.get("KILN_TEST_POSTGRES_URL", DEFAULT_URL)
+
+
+@functools.cache
+def _unreachable_reason() -> str | None:
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install 'agentkiln[postgres]')"
+    try:
+        with psycopg.connect(postgres_url(), connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - any failure means no usable server
+        return f"no PostgreSQL at {postgres_url()}: {exc}"
+    return None
+
+
+def require_postgres() -> str:
+    """The server URL; skips the test when none is reachable (fails in CI)."""
+    reason = _unreachable_reason()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI needs PostgreSQL for these tests: {reason}")
+        pytest.skip(reason)
+    return postgres_url()
+
+
+def drop_schema(schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_url(), autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@asynccontextmanager
+async def fresh_schema() -> AsyncIterator[tuple[str, str]]:
+    """(server URL, name of a schema no other test uses), the schema dropped afterwards."""
+    url = require_postgres()
+    schema = f"kiln_test_{uuid.uuid4().hex[:12]}"
+    try:
+        yield url, schema
+    finally:
+        drop_schema(schema)
