@@ -286,14 +286,18 @@ class GatewayCall:
             await self._store(spans_for_result(self.ctx, result, time.time(), response_for_choice))
 
     async def _fail(self, exc: BaseException) -> NoReturn:
-        log.warning("gateway: engine failed (%s): %s", self.ctx.api, exc, exc_info=exc)
+        err = engine_error(exc)
+        # The client's fault (e.g. a prompt over the context) needs no stack in the server log.
+        log.warning(
+            "gateway: engine failed (%s): %s", self.ctx.api, exc, exc_info=exc if err.status_code >= 500 else None
+        )
         if self.target.recorded:
             try:
                 version: Optional[str] = self.engine.version_for(self.ctx.agent_name)
             except Exception:  # the error span matters more than its version
                 version = None
             await self._store([span_for_error(self.ctx, exc, time.time(), version)])
-        raise engine_error(exc) from exc
+        raise err from exc
 
     async def _store(self, spans: list[SpanIn]) -> None:
         target = self.target
