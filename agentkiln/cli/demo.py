@@ -72,6 +72,7 @@ def demo(
     engine: str = typer.Option("smollm2", help="engine spec: smollm2 (real model) or tiny (smoke test)"),
     fresh: bool = typer.Option(True, help="start over instead of resuming a checkpoint in run_dir"),
     verbose: bool = typer.Option(False, help="log to the terminal instead of run_dir/demo.log"),
+    report_to: str = typer.Option("tensorboard", help="experiment tracker: tensorboard (run_dir/tensorboard) or none"),
 ) -> None:
     """Train a calculator-tool agent (plain openai SDK code) with GRPO+LoRA and report accuracy before/after."""
     import shutil
@@ -125,7 +126,9 @@ def demo(
             progress.update(bar, status=f"val acc {data['reward']:.2f}")
 
     started = time.monotonic()
-    trainer = Trainer(algorithm, n_runners=n_runners, engine=engine, run_dir=run_dir, on_event=on_event)
+    trainer = Trainer(
+        algorithm, n_runners=n_runners, engine=engine, run_dir=run_dir, on_event=on_event, report_to=report_to
+    )
     with progress:
         result = trainer.fit(calculator_agent, train, val)
     elapsed = time.monotonic() - started

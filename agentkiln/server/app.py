@@ -15,6 +15,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from agentkiln.engine.weight_roots import WeightsPolicy
+from agentkiln.dashboard.routes import PUBLIC_PATHS as DASHBOARD_PUBLIC_PATHS
+from agentkiln.dashboard.routes import build_dashboard_router
 from agentkiln.engine.weight_sync import ModelSync
 from agentkiln.gateway.router import install_gateway
 from agentkiln.server.auth import AttemptTokens, AuthMiddleware
@@ -26,6 +28,7 @@ from agentkiln.server.errors import (
 )
 from agentkiln.server.host_check import TrustedHostMiddleware
 from agentkiln.server.idempotency import IdempotencyMiddleware, RecentSpans
+from agentkiln.server.metrics import install_metrics
 from agentkiln.server.otlp import build_otlp_router
 from agentkiln.server.store_routes import router as store_router
 from agentkiln.store.base import Store
@@ -95,6 +98,9 @@ def create_app(
     app.include_router(store_router)
     app.include_router(build_otlp_router())
     app.include_router(build_engine_status_router())
+    app.include_router(build_dashboard_router())
+    install_metrics(app)  # /metrics, and the gateway latency histogram
+    public_paths = (*public_paths, *DASHBOARD_PUBLIC_PATHS)  # the dashboard's page shells hold no data
     install_gateway(app)  # ahead of every other route
 
     # Added innermost first: a request passes error catcher -> API key -> body limit -> idempotency -> routes.

@@ -36,6 +36,7 @@ class Trainer:
         run_dir: Union[str, Path] = "runs/latest",
         port: int = 0,
         on_event: Optional[Callable[[str, dict[str, Any]], None]] = None,
+        report_to: Union[str, Sequence[str], None] = "none",
     ) -> None:
         self.algorithm = algorithm
         self.n_runners = n_runners
@@ -49,6 +50,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.port = port
         self.on_event = on_event or (lambda kind, data: None)
+        self.report_to = report_to  # experiment trackers, as TRL's report_to: "tensorboard" or "none"
         self._server: Any = None
         self._engine_obj: Optional[Engine] = None
 
@@ -115,7 +117,10 @@ class Trainer:
     ) -> TrainingResult:
         from agentkiln.store.client import HttpStore
 
+        from agentkiln.training.trackers import build_trackers, with_trackers
+
         store = HttpStore(url, api_key=self.api_key)
+        trackers = build_trackers(self.report_to, self.run_dir)
         try:
             ctx = TrainingContext(
                 store=store,
@@ -123,8 +128,10 @@ class Trainer:
                 run_dir=self.run_dir,
                 model_name=getattr(self._engine_obj, "model_name", None) or "smollm2-135m-instruct",
                 api_key=self.api_key,
-                on_event=self.on_event,
+                on_event=with_trackers(self.on_event, trackers),
             )
             return await self.algorithm.run(ctx, train_data, val_data)
         finally:
+            for tracker in trackers:
+                tracker.close()
             await store.close()
