@@ -327,3 +327,31 @@ def test_large_prompt_is_rendered_off_the_event_loop(tiny, monkeypatch):
     assert chat(tiny).status_code == 200
     assert chat(tiny, messages=[{"role": "user", "content": "word " * 1700}]).status_code == 200
     assert seen == ["event loop", "worker thread"]  # small prompts skip the thread hop
+
+
+def test_disconnect_watch_cancels_work_and_ignores_unwatchable_connections():
+    from agentkiln.gateway.call import unless_disconnected
+    from agentkiln.gateway.errors import GatewayError
+
+    class Gone:
+        async def receive(self):
+            return {"type": "http.disconnect"}
+
+    class Unwatchable:
+        async def receive(self):
+            raise RuntimeError("this server cannot say")
+
+    cancelled = []
+
+    async def work():
+        try:
+            await asyncio.sleep(0.2)
+            return 7
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    with pytest.raises(GatewayError) as err:
+        asyncio.run(unless_disconnected(Gone(), work()))
+    assert err.value.status_code == 499 and cancelled == [True]
+    assert asyncio.run(unless_disconnected(Unwatchable(), work())) == 7

@@ -135,9 +135,18 @@ def client_gone() -> GatewayError:
 
 
 async def _disconnected(request: Request) -> None:
-    """Returns when the client has gone away (the body is read, so only `http.disconnect` can come)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    """Returns when the client has gone away (the body is read, so only `http.disconnect` should come).
+
+    A server that cannot report it (receive fails, or keeps sending other messages) is never
+    taken for a disconnect: the watch just waits until it is cancelled.
+    """
+    try:
+        for _ in range(3):
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+    except Exception:
+        log.debug("gateway: cannot watch the connection for a disconnect", exc_info=True)
+    await asyncio.Event().wait()
 
 
 async def unless_disconnected(request: Optional[Request], work: Awaitable[T]) -> T:
