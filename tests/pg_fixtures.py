@@ -45,11 +45,43 @@ def require_postgres() -> str:
     return postgres_url()
 
 
+_DROP_TRIES = 3
+_HOLDERS = (  # sessions holding locks on the schema's tables: a failed test's leftover tasks
+    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND l.pid <> pg_backend_pid()"
+)
+
+
 def drop_schema(schema: str) -> None:
+    """Drop the schema; sessions still holding its locks (a failed test's tasks) are ended, never waited for."""
     import psycopg
 
     with psycopg.connect(postgres_url(), autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        conn.execute("SET lock_timeout = '3s'")
+        for attempt in range(_DROP_TRIES):
+            try:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                return
+            except psycopg.errors.LockNotAvailable:
+                if attempt == _DROP_TRIES - 1:
+                    raise
+                conn.execute(_HOLDERS, (schema,))
+
+
+async def drop_schema_async(schema: str) -> None:
+    """drop_schema without blocking the event loop: a test's leftover tasks may still need it to finish."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(postgres_url(), autocommit=True) as conn:
+        await conn.execute("SET lock_timeout = '3s'")
+        for attempt in range(_DROP_TRIES):
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                return
+            except psycopg.errors.LockNotAvailable:
+                if attempt == _DROP_TRIES - 1:
+                    raise
+                await conn.execute(_HOLDERS, (schema,))
 
 
 @asynccontextmanager
@@ -60,4 +92,4 @@ async def fresh_schema() -> AsyncIterator[tuple[str, str]]:
     try:
         yield url, schema
     finally:
-        drop_schema(schema)
+        await drop_schema_async(schema)

@@ -45,6 +45,7 @@ _OWNER_SQL = (
     f"SELECT {A_SELECT}, (SELECT COALESCE(MAX(sequence_id), 0) FROM spans "
     "WHERE rollout_id = %(r)s AND attempt_id = %(a)s) FROM attempts WHERE attempt_id = %(a)s AND rollout_id = %(r)s"
 )
+_LOCK_SQL = f"SELECT {R_SELECT} FROM rollouts WHERE rollout_id = ANY(%s) ORDER BY rollout_id FOR UPDATE"
 _STORED_SPANS_SQL = f"SELECT {S_SELECT} FROM spans WHERE rollout_id = %s AND attempt_id = %s AND span_id = ANY(%s)"
 
 
@@ -63,10 +64,7 @@ async def get_rollout(conn: Conn, rollout_id: str, *, lock: bool = False) -> Rol
 
 async def lock_rollouts(conn: Conn, rollout_ids: Sequence[str]) -> dict[str, Rollout]:
     """Lock these rollouts in id order (the order every writer uses) and return those that exist."""
-    cur = await conn.execute(
-        f"SELECT {R_SELECT} FROM rollouts WHERE rollout_id = ANY(%s) ORDER BY rollout_id FOR UPDATE",
-        (sorted(set(rollout_ids)),),
-    )
+    cur = await conn.execute(_LOCK_SQL, (sorted(set(rollout_ids)),))
     return {row[0]: rollout_from_row(row) for row in await cur.fetchall()}
 
 
@@ -137,11 +135,6 @@ async def fetch_rollouts(conn: Conn, rollout_ids: Sequence[str]) -> dict[str, Ro
     return {row[0]: rollout_from_row(row) for row in await cur.fetchall()}
 
 
-async def _stored_spans(conn: Conn, rollout_id: str, attempt_id: str, span_ids: Sequence[str]) -> dict[str, Span]:
-    cur = await conn.execute(_STORED_SPANS_SQL, (rollout_id, attempt_id, list(span_ids)))
-    return {span.span_id: span for span in map(span_from_row, await cur.fetchall())}
-
-
 async def insert_spans(conn: Conn, records: list[dict[str, Any]], attributes_json: list[str]) -> list[Span]:
     """Store a validated batch of span records; spans already stored come back as stored (as SQLite's).
 
@@ -149,21 +142,25 @@ async def insert_spans(conn: Conn, records: list[dict[str, Any]], attributes_jso
     attempt's, and each attempt's activity (heartbeat, revival) is recorded once.
     """
     keys = list(dict.fromkeys((rec["rollout_id"], rec["attempt_id"]) for rec in records))
-    rollouts = await lock_rollouts(conn, [rid for rid, _ in keys])
-    owners: dict[tuple[str, str], tuple[Rollout | None, Attempt, int]] = {}
-    for key in keys:
-        row = await _one(conn, _OWNER_SQL, {"r": key[0], "a": key[1]}) if key[0] in rollouts else None
-        if row is None:
-            raise NotFoundError(f"attempt {key[1]} of rollout {key[0]} not found")
-        owners[key] = (rollouts[key[0]], attempt_from_row(row), row[-1])
     wanted: dict[tuple[str, str], list[str]] = {}
     for rec in records:
         wanted.setdefault((rec["rollout_id"], rec["attempt_id"]), []).append(rec["span_id"])
-    known = {
-        (*key, span_id): span
-        for key, span_ids in wanted.items()
-        for span_id, span in (await _stored_spans(conn, *key, span_ids)).items()
-    }
+    # All lookups are sent before any answer is read (one round trip in pipeline mode); the server
+    # runs them in order, so the owners and stored spans are read under the rollout locks.
+    locked = await conn.execute(_LOCK_SQL, (sorted({rid for rid, _ in keys}),))
+    owner_rows = [await conn.execute(_OWNER_SQL, {"r": rid, "a": aid}) for rid, aid in keys]
+    stored_rows = [await conn.execute(_STORED_SPANS_SQL, (*key, wanted[key])) for key in keys]
+    rollouts = {row[0]: rollout_from_row(row) for row in await locked.fetchall()}
+    owners: dict[tuple[str, str], tuple[Rollout | None, Attempt, int]] = {}
+    for key, cur in zip(keys, owner_rows):
+        row = await cur.fetchone()
+        if row is None or key[0] not in rollouts:
+            raise NotFoundError(f"attempt {key[1]} of rollout {key[0]} not found")
+        owners[key] = (rollouts[key[0]], attempt_from_row(row), row[-1])
+    known: dict[tuple[str, str, str], Span] = {}
+    for key, cur in zip(keys, stored_rows):
+        for span in map(span_from_row, await cur.fetchall()):
+            known[(*key, span.span_id)] = span
     out, rows = [], []
     for rec, text in zip(records, attributes_json):
         span_key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
