@@ -29,6 +29,7 @@ from agentkiln.models import (
     WorkerStatus,
     new_id,
 )
+from agentkiln.store import json_text
 from agentkiln.store.base import InvalidTransitionError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class Change:
 def dump_json(value: Any, *, limit: int, what: str) -> str:
     """Serialise a user value, rejecting what no backend could store (so all backends agree)."""
     try:
-        text = json.dumps(value, separators=(",", ":"))
+        text = json_text.dumps(value)  # json.dumps(value, separators=(",", ":")), faster
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"{what} is not JSON-serialisable: {exc}") from exc
     if len(text) > limit:

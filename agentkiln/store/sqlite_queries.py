@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 WAITING = "status IN ('queuing', 'requeuing')"
 # INDEXED BY: without statistics the planner prefers rollouts_status plus a sort of every waiting row.
 DEQUEUE_SQL = f"SELECT {R_COLS} FROM rollouts INDEXED BY rollouts_waiting WHERE {WAITING} ORDER BY seq LIMIT 1"
+# An owner attempt, its last span sequence number, and whether span ?3 is stored already (NULL: none is).
+_OWNER_SQL = (
+    f"SELECT {A_COLS}, (SELECT COALESCE(MAX(sequence_id), 0) FROM spans WHERE rollout_id = ?1 AND attempt_id = ?2), "
+    "EXISTS (SELECT 1 FROM spans WHERE rollout_id = ?1 AND attempt_id = ?2 AND span_id = ?3) "
+    "FROM attempts WHERE attempt_id = ?2 AND rollout_id = ?1"
+)
+_STORED_SPANS_SQL = (
+    f"SELECT {S_COLS} FROM spans WHERE rollout_id = ? AND attempt_id = ? "
+    "AND span_id IN (SELECT value FROM json_each(?))"
+)
+_STORED_SPAN_SQL = f"SELECT {S_COLS} FROM spans WHERE rollout_id = ? AND attempt_id = ? AND span_id = ?"
 
 
 def get_rollout(conn: sqlite3.Connection, rollout_id: str) -> Rollout:
@@ -116,17 +127,29 @@ def stored_spans(
 
     No ORDER BY: it could tempt the planner off the span key index onto a scan of the attempt.
     """
-    rows = conn.execute(
-        f"SELECT {S_COLS} FROM spans WHERE rollout_id = ? AND attempt_id = ? "
-        "AND span_id IN (SELECT value FROM json_each(?))",
-        (rollout_id, attempt_id, dumps(list(span_ids))),
-    ).fetchall()
+    if len(span_ids) == 1:  # the gateway's lone span: a plain key lookup, no JSON list to build and scan
+        rows = conn.execute(_STORED_SPAN_SQL, (rollout_id, attempt_id, span_ids[0])).fetchall()
+    else:
+        rows = conn.execute(_STORED_SPANS_SQL, (rollout_id, attempt_id, dumps(list(span_ids)))).fetchall()
     found: dict[str, Span] = {}
     for row in rows:  # repeats exist only in files from before the span key index
         span = span_from_row(row)
         if span.span_id not in found or span.sequence_id < found[span.span_id].sequence_id:
             found[span.span_id] = span
     return found
+
+
+def _owner(
+    conn: sqlite3.Connection, rollout_id: str, attempt_id: str, span_id: str | None
+) -> tuple[Attempt, int, bool]:
+    """The attempt, its last span sequence number and whether `span_id` is stored: one statement, not three.
+
+    This runs once per recorded LLM call (the gateway writes lone spans).
+    """
+    row = conn.execute(_OWNER_SQL, (rollout_id, attempt_id, span_id)).fetchone()
+    if row is None:
+        raise NotFoundError(f"attempt {attempt_id} of rollout {rollout_id} not found")
+    return attempt_from_row(row), row[-2], bool(row[-1])
 
 
 def insert_spans(conn: sqlite3.Connection, records: list[dict[str, Any]], attributes_json: list[str]) -> list[Span]:
@@ -137,20 +160,20 @@ def insert_spans(conn: sqlite3.Connection, records: list[dict[str, Any]], attrib
     """
     owners: dict[tuple[str, str], tuple[Rollout | None, Attempt, int]] = {}
     wanted: dict[tuple[str, str], list[str]] = {}
+    lone = records[0]["span_id"] if len(records) == 1 else None  # its re-sent check rides on the owner query
+    maybe_stored = lone is None
     for rec in records:  # validate the whole batch before storing any of it
         key = (rec["rollout_id"], rec["attempt_id"])
         if key not in owners:
-            attempt = get_attempt(conn, *key)  # it exists only if its rollout does
+            attempt, last, stored = _owner(conn, *key, lone)  # it exists only if its rollout does
+            maybe_stored = maybe_stored or stored
             # The rollout matters only to revive an unresponsive attempt (see record_activity).
             rollout = get_rollout(conn, key[0]) if attempt.status == AttemptStatus.unresponsive else None
-            last = conn.execute(
-                "SELECT COALESCE(MAX(sequence_id), 0) FROM spans WHERE rollout_id = ? AND attempt_id = ?", key
-            ).fetchone()[0]
             owners[key] = (rollout, attempt, last)
         wanted.setdefault(key, []).append(rec["span_id"])
     known = {
         (*key, span_id): span
-        for key, span_ids in wanted.items()
+        for key, span_ids in (wanted.items() if maybe_stored else ())
         for span_id, span in stored_spans(conn, *key, span_ids).items()
     }
     out, rows = [], []

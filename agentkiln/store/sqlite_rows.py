@@ -22,6 +22,7 @@ from agentkiln.models import (
     Worker,
     WorkerStatus,
 )
+from agentkiln.store import json_text
 
 R_COLS = (
     "rollout_id, status, mode, input, resources_id, config, metadata, created_at, start_time, end_time, num_attempts"
@@ -41,7 +42,7 @@ W_COLS = "worker_id, status, last_heartbeat, current_rollout_id, current_attempt
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return json_text.dumps(value)  # json.dumps(value, separators=(",", ":")), at orjson speed
 
 
 def rollout_from_row(row: Sequence[Any]) -> Rollout:

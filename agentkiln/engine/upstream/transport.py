@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _EXCERPT = 300  # characters of an upstream error body kept in the exception message
 _DRAIN_S = 1.0  # how long to read a stream's tail after [DONE] so its connection can be reused
+_USER_AGENT = "agentkiln"
 
 
 def dumps(body: dict[str, Any]) -> bytes:
@@ -144,7 +145,8 @@ class AiohttpTransport:
     def __init__(self, base_url: str, headers: Mapping[str, str], timeout_s: float) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
-        self._headers = {"content-type": "application/json", **headers}
+        # A User-Agent of our own keeps aiohttp on its fast header path (a skip list is rebuilt per request).
+        self._headers = {"content-type": "application/json", "user-agent": _USER_AGENT, **headers}
         self._proxy = env_proxy(self.base_url)
         self._whole = aiohttp.ClientTimeout(total=timeout_s, connect=timeout_s)
         self._per_read = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
@@ -158,7 +160,8 @@ class AiohttpTransport:
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
                 headers=self._headers,
                 proxy=self._proxy,
-                skip_auto_headers=("User-Agent",),
+                # Calls of every agent share this session: no upstream cookie may follow one call into another.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
@@ -191,12 +194,15 @@ class AiohttpTransport:
                 batches = line_batches(resp.content.iter_any())
                 yield batches
                 # The caller may stop at `data: [DONE]`; read the body's end so the connection is reused.
-                try:
-                    async with asyncio.timeout(_DRAIN_S):
-                        async for _ in batches:
-                            pass
-                except TimeoutError:
-                    resp.close()
+                # Usually that end came in the same read: then there is nothing to wait for (or time).
+                if not resp.content.at_eof():
+                    try:
+                        async with asyncio.timeout(_DRAIN_S):
+                            async for _ in batches:
+                                pass
+                    except TimeoutError:
+                        resp.close()
+                await batches.aclose()
         except _AIOHTTP_ERRORS as exc:
             raise _aiohttp_error(exc, self.timeout_s) from exc
 
