@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
@@ -35,11 +36,26 @@ def _unreachable_reason() -> str | None:
     return None
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def import_psycopg_or_skip_module() -> Any:
+    """psycopg for a test module; without it the module is skipped (outside CI) or fails (in CI)."""
+    try:
+        import psycopg
+    except ImportError:
+        if in_ci():
+            raise
+        pytest.skip("psycopg is not installed (pip install 'agentkiln[postgres]')", allow_module_level=True)
+    return psycopg
+
+
 def require_postgres() -> str:
     """The server URL; skips the test when none is reachable (fails in CI)."""
     reason = _unreachable_reason()
     if reason is not None:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
+        if in_ci():
             pytest.fail(f"CI needs PostgreSQL for these tests: {reason}")
         pytest.skip(reason)
     return postgres_url()

@@ -15,9 +15,9 @@ import pytest
 
 from agentkiln.models import AttemptStatus, LLMEndpoint, ResourcesIn, RolloutConfig, RolloutStatus
 from agentkiln.store import StoreError, ValidationError, open_store
-from tests.pg_fixtures import fresh_schema
+from tests.pg_fixtures import fresh_schema, import_psycopg_or_skip_module
 
-psycopg = pytest.importorskip("psycopg")
+psycopg = import_psycopg_or_skip_module()
 from agentkiln.store.postgres import SCHEMA_VERSION, PostgresStore
 from agentkiln.store.postgres.schema import LOCK_SWEEP
 
@@ -95,6 +95,22 @@ def test_open_store_dispatches_postgres_urls() -> None:
         PostgresStore("postgresql://root@127.0.0.1/test?schema=a;drop")
 
 
+async def test_sessions_commit_durably_and_url_options_still_apply(pg: tuple[str, str]) -> None:
+    """synchronous_commit=on whatever the server's default; options in the URL reach libpq intact."""
+    url, schema = pg
+    settings = "SELECT current_setting('synchronous_commit'), current_setting('statement_timeout'), current_schema()"
+    for extra, expected in (("", ("on", "0")), ("&options=-c%20statement_timeout%3D1234", ("on", "1234ms"))):
+        async with PostgresStore(f"{url}?schema={schema}{extra}") as store:
+            got = await store._read(lambda conn: _fetch_one(conn, settings))
+            # asked for on every session, not left to the server's default (on here, so also checked directly)
+            assert store._pool.kwargs["options"].startswith("-c synchronous_commit=on")
+        assert got == (*expected, schema)
+
+
+async def _fetch_one(conn, query: str):
+    return await (await conn.execute(query)).fetchone()
+
+
 # --------------------------------------------------------------------------- values
 
 
@@ -124,6 +140,23 @@ async def test_rollout_enqueued_on_one_store_is_dequeued_on_the_other(two) -> No
     assert ar is not None and ar.rollout.rollout_id == r.rollout_id and ar.attempt.worker_id == "wb"
     assert (await a.get_rollout(r.rollout_id)).status == RolloutStatus.running
     assert await a.attempt_statuses(r.rollout_id) == {ar.attempt.attempt_id: AttemptStatus.running}
+
+
+async def test_attempt_statuses_is_one_statement(pg: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway asks before every recorded LLM call: one query, no transaction around it."""
+    url, schema = pg
+    async with PostgresStore(url, schema=schema, sweep_interval_s=None) as store:
+        ar = await store.start_rollout("x")
+        sent: list[str] = []
+        execute = psycopg.AsyncConnection.execute
+
+        async def counting(self, query, *args, **kwargs):
+            sent.append(str(query))
+            return await execute(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.AsyncConnection, "execute", counting)
+        assert await store.attempt_statuses(ar.rollout.rollout_id) == {ar.attempt.attempt_id: AttemptStatus.running}
+        assert len(sent) == 1 and "LEFT JOIN attempts" in sent[0]
 
 
 async def test_concurrent_dequeues_from_two_stores_never_duplicate(two) -> None:

@@ -19,10 +19,11 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from agentkiln.store.base import StoreError, ValidationError
@@ -45,7 +46,7 @@ def split_url(url: str) -> tuple[str, str | None]:
     schema = next((v for k, v in query if k == "schema"), None)
     if schema is not None and not _SCHEMA_NAME.match(schema):
         raise ValueError(f"schema must be a plain identifier (letters, digits, _), got {schema!r}")
-    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    rest = urlencode([(k, v) for k, v in query if k != "schema"], quote_via=quote)  # libpq reads no '+' as a space
     return urlunsplit(parts._replace(query=rest)), schema
 
 
@@ -67,9 +68,13 @@ class PostgresConnections:
         self.schema = schema or url_schema
         if self.schema is not None and not _SCHEMA_NAME.match(self.schema):
             raise ValueError(f"schema must be a plain identifier (letters, digits, _), got {self.schema!r}")
-        kwargs: dict[str, Any] = {"autocommit": True}
+        # An answered write is on disk whatever the server's default (durability is the store's
+        # contract); options in the URL come after, so a deliberate choice there still wins.
+        options = "-c synchronous_commit=on"
         if self.schema is not None:
-            kwargs["options"] = f"-c search_path={self.schema}"
+            options += f" -c search_path={self.schema}"
+        options += " " + conninfo_to_dict(self.url).get("options", "")
+        kwargs: dict[str, Any] = {"autocommit": True, "options": options.strip()}
         self._pool = AsyncConnectionPool(self.url, min_size=1, max_size=pool_size, kwargs=kwargs, open=False)
         self._open_timeout_s = open_timeout_s
         self._open_lock = asyncio.Lock()
