@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,12 @@ log = logging.getLogger(__name__)
 
 @app.command()
 def serve(
-    store: str = typer.Option("./kiln.db", "--store", help="SQLite file path, or a store URL (sqlite://, memory://)."),
+    store: str = typer.Option(
+        "./kiln.db",
+        "--store",
+        help="SQLite file path, or a store URL (sqlite://, memory://, postgresql://user@host/db?schema=name; "
+        "give a PostgreSQL password by PGPASSWORD or ~/.pgpass, not in the URL, which shows in `ps`).",
+    ),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Interface to listen on; keep loopback unless you set --api-key."
     ),
@@ -52,7 +58,8 @@ def serve(
     from agentkiln.server.host_check import UnsafeBindError
     from agentkiln.server.serve import serve as run_server
 
-    log.info("serving store %s on http://%s:%d (engine: %s)", store, host, port, engine)
+    shown = re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", store)  # a password in a database URL stays out of logs
+    log.info("serving store %s on http://%s:%d (engine: %s)", shown, host, port, engine)
     try:
         run_server(
             store,
