@@ -15,7 +15,7 @@ Every limit answers a clear 400 (never a 500, never a stalled event loop):
 | messages / input items | `MAX_MESSAGES`, their text `MAX_PROMPT_CHARS` in all | request models |
 | top_logprobs | 0..20 | request models |
 | temperature | 0..2; below `GREEDY_BELOW_TEMPERATURE` it is greedy | request models, engine |
-| prompt tokens | under the model's context length (the 400 names both numbers) | engine |
+| prompt tokens | under the model's context length (the 400 names both numbers); a prompt whose text is surely longer is refused before tokenizing, others over 8,192 characters are tokenized off the event loop | engine |
 | waiting sequences | the embedded engine's `max_waiting`: 503 + Retry-After beyond it | engine |
 
 A body over `PARSE_OFF_LOOP_BYTES` is parsed and checked in a worker thread, so a large body

@@ -7,7 +7,8 @@ Prompt format and tool-call syntax come from the model's chat template (see engi
 
 Hostile input: a prompt whose text alone is surely over the context (more characters than the
 context holds tokens times the longest token) is refused before templating; any other large
-prompt is templated and tokenized in a worker thread, so it never stalls the event loop. A caller
+prompt is templated and tokenized in the engine's render thread (one: large prompts take turns, so
+a flood of them holds one core), so it never stalls the event loop. A caller
 that stops waiting (client gone, task cancelled) cancels its sequences: the scheduler drops
 their rows, and their KV with them, at the next step.
 """
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,8 @@ class TransformersEngine(Engine):
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # No token covers more characters than its vocabulary string has (byte-level: one per byte).
         self._max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
+        # Large prompts are rendered one at a time: a flood of them takes one core, never all of them.
+        self._render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-render")
         self._scheduler = Scheduler(
             self.weights,
             stop_ids=find_stop_ids(self.tokenizer, self._model.generation_config),
@@ -142,7 +146,7 @@ class TransformersEngine(Engine):
                 f"the model's context is {self.max_context} tokens"
             )
         if chars > _RENDER_ON_LOOP_CHARS:
-            return await asyncio.to_thread(self.render, request)
+            return await asyncio.get_running_loop().run_in_executor(self._render_pool, self.render, request)
         return self.render(request)
 
     async def chat(self, request: ChatRequest) -> ChatResult:
@@ -231,6 +235,7 @@ class TransformersEngine(Engine):
 
     async def close(self) -> None:
         await asyncio.to_thread(self._scheduler.close)
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- request plumbing ---------------------------------------------------------------------
 
