@@ -201,3 +201,20 @@ async def test_pages_are_public_shells_and_the_data_needs_the_admin_key(tmp_path
         assert runner.status_code == 403 and "admin" in runner.json()["error"]["message"]
         assert (await c.get(f"{API}/overview", headers={"Authorization": "Bearer admin-key"})).status_code == 200
     await store.close()
+
+
+async def test_a_slow_summary_is_reused_a_fast_one_is_not(monkeypatch):
+    from agentkiln.dashboard import queries
+
+    store = InMemoryStore()
+    assert (await queries.store_summary(store)).queue_depth == 0
+    await store.enqueue_rollout({"q": 1})
+    assert (await queries.store_summary(store)).queue_depth == 1  # fast: counted afresh
+    monkeypatch.setattr(queries, "CACHE_ABOVE_S", 0.0)  # now every summary counts as slow...
+    monkeypatch.setattr(queries, "CACHE_FACTOR", 1e6)  # ...and is reused for a long while
+    assert (await queries.store_summary(store)).queue_depth == 1
+    await store.enqueue_rollout({"q": 2})
+    assert (await queries.store_summary(store)).queue_depth == 1  # reused
+    queries._summaries.clear()  # the reuse ends
+    assert (await queries.store_summary(store)).queue_depth == 2
+    await store.close()

@@ -9,10 +9,13 @@ most GENERIC_SCAN_LIMIT rollouts, which suits the in-memory store of a single ru
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
-from typing import Any
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +29,10 @@ from agentkiln.store.sqlite_rows import dumps
 GENERIC_SCAN_LIMIT = 20_000  # rollouts a non-SQLite backend is scanned for (newest first)
 RECENT_S = 60.0  # the window of "rollouts/s" and the recent failure rate
 PREVIEW_CHARS = 160
+T = TypeVar("T")
+CACHE_ABOVE_S = 0.05  # a summary slower than this is reused (see store_summary)
+CACHE_FACTOR = 10.0
+_summaries: weakref.WeakKeyDictionary[Store, tuple[float, StoreSummary]] = weakref.WeakKeyDictionary()
 
 
 class RolloutFilter(BaseModel):
@@ -97,6 +104,27 @@ async def _resources_id_of(store: Store, version: int) -> str | None:
 # --------------------------------------------------------------------------- SQLite
 
 
+def _read_only(path: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, isolation_level=None)
+    try:
+        conn.execute("BEGIN")  # one snapshot for all of fn's queries
+        return fn(conn)
+    finally:
+        conn.close()
+
+
+async def _sql(store: SqliteStore, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run a dashboard read on its own read-only connection in a worker thread.
+
+    These reads scan tables (up to a few hundred ms at 100k rollouts), so they run neither on
+    the event loop, where the gateway serves, nor on the store's database thread, where span
+    writes commit; WAL lets them read beside the writers.
+    """
+    if store.path == ":memory:":  # only the database thread's connection sees an in-memory file
+        return await store._call(fn, write=False)
+    return await asyncio.to_thread(_read_only, store.path, fn)
+
+
 def _sqlite_page(conn: sqlite3.Connection, f: RolloutFilter, resources_id: str | None) -> tuple[list, int]:
     where, args = [], []
     if f.status is not None:
@@ -109,9 +137,10 @@ def _sqlite_page(conn: sqlite3.Connection, f: RolloutFilter, resources_id: str |
         where.append("r.resources_id IS ?")
         args.append(resources_id or "\0no such version")
     if f.failure_kind is not None:
+        # One pass over the attempts (SQLite builds the IN set once), not one lookup per rollout.
         where.append(
-            "EXISTS (SELECT 1 FROM attempts a WHERE a.rollout_id = r.rollout_id AND a.error IS NOT NULL "
-            "AND json_extract(a.error, '$.kind') = ?)"
+            "r.rollout_id IN (SELECT rollout_id FROM attempts WHERE error IS NOT NULL "
+            "AND json_extract(error, '$.kind') = ?)"
         )
         args.append(f.failure_kind.value)
     if f.agent:
@@ -132,8 +161,9 @@ def _sqlite_page(conn: sqlite3.Connection, f: RolloutFilter, resources_id: str |
         f"FROM rollouts r{clause} ORDER BY r.seq DESC LIMIT ? OFFSET ?"
     )
     rows = conn.execute(sql, (PREVIEW_CHARS, *args, f.limit + 1, f.offset)).fetchall()
-    total = conn.execute(f"SELECT count(*) FROM rollouts r{clause}", args).fetchone()[0]
-    return rows, total
+    if len(rows) <= f.limit and (rows or f.offset == 0):  # the last page: no second pass to count
+        return rows, f.offset + len(rows)
+    return rows, conn.execute(f"SELECT count(*) FROM rollouts r{clause}", args).fetchone()[0]
 
 
 def _sqlite_rewards(conn: sqlite3.Connection, rollout_ids: list[str]) -> dict[str, float | None]:
@@ -163,7 +193,7 @@ async def _page_sqlite(store: SqliteStore, f: RolloutFilter) -> RolloutPage:
         rows, total = _sqlite_page(conn, f, resources_id)
         return rows, total, _sqlite_rewards(conn, [r[0] for r in rows[: f.limit]])
 
-    rows, total, rewards = await store._read(op)  # one read transaction on the store's own connection
+    rows, total, rewards = await _sql(store, op)
     out = []
     for rid, status, mode, preview, res_id, created, start, end, n, error in rows[: f.limit]:
         err = json.loads(error) if error else {}
@@ -284,7 +314,7 @@ async def latest_train_rewards(store: Store, limit: int) -> list[tuple[str, dict
             rewards = _sqlite_rewards(conn, [r[0] for r in rows])
             return [(rid, json.loads(meta), rewards.get(rid)) for rid, meta in rows]
 
-        return await store._read(op)
+        return await _sql(store, op)
     rollouts, _ = await _all_rollouts(store, status=[RolloutStatus.succeeded], mode=RolloutMode.train)
     out = []
     for r in rollouts[:limit][::-1]:
@@ -297,27 +327,30 @@ async def latest_train_rewards(store: Store, limit: int) -> list[tuple[str, dict
 
 
 def _sqlite_summary(conn: sqlite3.Connection, since: float) -> dict[str, Any]:
-    by_status = dict(conn.execute("SELECT status, count(*) FROM rollouts GROUP BY status").fetchall())
+    """One pass over each table (neither has an index on end_time or the error's kind)."""
+    by_status: dict[str, int] = {}
+    recent = 0
+    for status, is_recent, n in conn.execute(
+        "SELECT status, coalesce(end_time >= ?, 0), count(*) FROM rollouts GROUP BY 1, 2", (since,)
+    ):
+        by_status[status] = by_status.get(status, 0) + n
+        if is_recent and RolloutStatus(status).finished:
+            recent += n
     attempts: dict[str, int] = {}
     kinds: dict[str, int] = {}
-    for status, kind, n in conn.execute(
-        "SELECT status, json_extract(error, '$.kind'), count(*) FROM attempts GROUP BY 1, 2"
-    ):
-        attempts[status] = attempts.get(status, 0) + n
-        if kind:
-            kinds[kind] = kinds.get(kind, 0) + n
-    recent = conn.execute(
-        "SELECT count(*) FROM rollouts WHERE end_time >= ? AND status IN ('succeeded', 'failed', 'cancelled')",
-        (since,),
-    ).fetchone()[0]
     recent_kinds: dict[str, int] = {}
     recent_attempts = 0
-    for kind, n in conn.execute(
-        "SELECT json_extract(error, '$.kind'), count(*) FROM attempts WHERE end_time >= ? GROUP BY 1", (since,)
+    for status, kind, is_recent, n in conn.execute(
+        "SELECT status, CASE WHEN error IS NULL THEN NULL ELSE json_extract(error, '$.kind') END, "
+        "coalesce(end_time >= ?, 0), count(*) FROM attempts GROUP BY 1, 2, 3",
+        (since,),
     ):
-        recent_attempts += n
+        attempts[status] = attempts.get(status, 0) + n
+        recent_attempts += n if is_recent else 0
         if kind:
-            recent_kinds[kind] = n
+            kinds[kind] = kinds.get(kind, 0) + n
+            if is_recent:
+                recent_kinds[kind] = recent_kinds.get(kind, 0) + n
     return {
         "rollouts_by_status": by_status,
         "attempts_by_status": attempts,
@@ -361,15 +394,28 @@ async def _generic_summary(store: Store, since: float) -> dict[str, Any]:
 
 
 async def store_summary(store: Store, now: float | None = None) -> StoreSummary:
-    """Counts for the overview page and the /metrics gauges (computed when asked, never per request)."""
+    """Counts for the overview page and the /metrics gauges (computed when asked, never per request).
+
+    They scan the store, so a summary that took long (a big store) is reused for CACHE_FACTOR
+    times as long: open dashboard tabs and a Prometheus scraper then cost at most about
+    1/CACHE_FACTOR of a core, and a small store is always counted afresh.
+    """
+    cached = _summaries.get(store)
+    if now is None and cached is not None and time.monotonic() < cached[0]:
+        return cached[1]
+    started = time.monotonic()
     since = (now if now is not None else time.time()) - RECENT_S
     if isinstance(store, SqliteStore):
-        data = await store._read(lambda conn: _sqlite_summary(conn, since))
+        data = await _sql(store, lambda conn: _sqlite_summary(conn, since))
     else:
         data = await _generic_summary(store, since)
     by_status = data["rollouts_by_status"]
-    return StoreSummary(
+    summary = StoreSummary(
         **data,
         queue_depth=by_status.get("queuing", 0) + by_status.get("requeuing", 0),
         rollouts_per_s=round(data["recent_finished"] / RECENT_S, 3),
     )
+    took = time.monotonic() - started
+    if took > CACHE_ABOVE_S:
+        _summaries[store] = (time.monotonic() + CACHE_FACTOR * took, summary)
+    return summary

@@ -30,5 +30,5 @@
         w.current_rollout_id ? el("a", { href: "/rollout?id=" + encodeURIComponent(w.current_rollout_id), text: w.current_rollout_id }) : "",
         w.current_attempt_id || ""]));
   }
-  poll(refresh, 3000);
+  poll(refresh, 5000);
 })();
