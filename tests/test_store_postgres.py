@@ -232,3 +232,27 @@ async def test_sweep_runs_once_across_stores(two, pg: tuple[str, str]) -> None:
     swept = [att.attempt_id for got in results for att in got]
     assert sorted(swept) == sorted(ar.attempt.attempt_id for ar in started)  # each attempt judged once
     assert {r.status for r in await a.query_rollouts(limit=100)} == {RolloutStatus.failed}
+
+
+async def test_served_over_http(pg: tuple[str, str]) -> None:
+    """`kiln serve` on PostgreSQL: the store runs on uvicorn's loop; a long poll is answered by NOTIFY."""
+    from agentkiln.server.app import create_app
+    from agentkiln.server.serve import ServerThread, own_resources
+    from agentkiln.store.client import HttpStore
+
+    url, schema = pg
+    app = create_app(PostgresStore(url, schema=schema, poll_s=30))
+    own_resources(app, app.state.store)  # closed on the server's loop when it stops
+    server = ServerThread(app)
+    try:
+        async with HttpStore(server.start()) as client, PostgresStore(url, schema=schema) as other:
+            r = await client.enqueue_rollout({"q": 1})
+            ar = await other.dequeue_rollout()  # another replica takes and finishes it
+            waiter = asyncio.create_task(client.wait_for_rollouts([r.rollout_id], timeout=20))
+            await asyncio.sleep(0.3)
+            await other.update_attempt(r.rollout_id, ar.attempt.attempt_id, status=AttemptStatus.succeeded)
+            started = time.monotonic()
+            [done] = await asyncio.wait_for(waiter, 10)
+            assert done.status == RolloutStatus.succeeded and time.monotonic() - started < 3
+    finally:
+        server.stop()
