@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 
 def plot_reward_history(
-    history: Sequence[dict[str, Any]], path: str | Path, *, val_before: Optional[float] = None, title: str = ""
+    history: Sequence[dict[str, Any]], path: str | Path, *, val_before: float | None = None, title: str = ""
 ) -> Path:
     """Train reward per step (line) and validation reward (markers), step 0 = before training."""
     import matplotlib
