@@ -80,11 +80,18 @@ async def test_newer_schema_version_is_refused(pg: tuple[str, str]) -> None:
     await store.close()
 
 
-async def test_unreachable_server_fails_at_open_with_a_clear_error() -> None:
-    store = PostgresStore("postgresql://root@127.0.0.1:1/test", open_timeout_s=0.5)
+async def test_unreachable_server_fails_at_open_with_a_clear_error_and_a_later_call_retries(
+    pg: tuple[str, str],
+) -> None:
+    url, schema = pg
+    store = PostgresStore("postgresql://root@127.0.0.1:1/test", schema=schema, open_timeout_s=0.5)
     with pytest.raises(ConnectionError, match="cannot reach PostgreSQL at postgresql://root@127.0.0.1:1/test"):
-        await store.open()
+        await store.enqueue_rollout("lost")
+    store.url = url  # the database is back (here: found at its address)
+    assert (await store.enqueue_rollout("kept")).input == "kept"
     await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.get_rollout("ro-x")
 
 
 def test_open_store_dispatches_postgres_urls() -> None:

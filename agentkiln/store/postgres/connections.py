@@ -74,11 +74,11 @@ class PostgresConnections:
         if self.schema is not None:
             options += f" -c search_path={self.schema}"
         options += " " + conninfo_to_dict(self.url).get("options", "")
-        kwargs: dict[str, Any] = {"autocommit": True, "options": options.strip()}
-        self._pool = AsyncConnectionPool(self.url, min_size=1, max_size=pool_size, kwargs=kwargs, open=False)
+        self._pool_kwargs: dict[str, Any] = {"autocommit": True, "options": options.strip()}
+        self._pool_size = pool_size
+        self._pool: AsyncConnectionPool | None = None  # made at open: a pool that failed to open cannot retry
         self._open_timeout_s = open_timeout_s
         self._open_lock = asyncio.Lock()
-        self._opened = False
         self._closed = False
         self.channel = ""  # set on open, from the schema the store lives in
         self._waiters: dict[asyncio.Future[None], frozenset[str]] = {}
@@ -92,31 +92,32 @@ class PostgresConnections:
         await self._ready()
 
     async def _ready(self) -> AsyncConnectionPool:
-        if self._opened:
-            return self._pool
         if self._closed:
             raise StoreError("store is closed")
-        async with self._open_lock:
-            if not self._opened:
-                await self._open()
+        if self._pool is None:
+            async with self._open_lock:
+                if self._pool is None:
+                    self._pool = await self._open()
         return self._pool
 
-    async def _open(self) -> None:
+    async def _open(self) -> AsyncConnectionPool:
+        """A connected pool on an up-to-date schema; on failure nothing stays open and the next call retries."""
+        pool = AsyncConnectionPool(self.url, min_size=1, max_size=self._pool_size, kwargs=self._pool_kwargs, open=False)
         try:
-            await self._pool.open(wait=True, timeout=self._open_timeout_s)
+            await pool.open(wait=True, timeout=self._open_timeout_s)
         except Exception as exc:
-            await self._pool.close()
+            await pool.close()
             raise ConnectionError(f"cannot reach PostgreSQL at {redact(self.url)}: {exc}") from exc
         try:
-            async with self._pool.connection() as conn:
+            async with pool.connection() as conn:
                 await migrate(conn, self.schema)
                 row = await (await conn.execute("SELECT current_schema()")).fetchone()
         except BaseException:
-            await self._pool.close()
+            await pool.close()
             raise
         # NOTIFY reaches the whole database: one channel per schema keeps stores in other schemas out.
         self.channel = "kiln_finished_" + hashlib.sha1(row[0].encode()).hexdigest()[:16]
-        self._opened = True
+        return pool
 
     async def _close_connections(self) -> None:
         if self._closed:
@@ -129,7 +130,8 @@ class PostgresConnections:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        await self._pool.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     # ------------------------------------------------------------------ running work
 
