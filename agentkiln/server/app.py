@@ -14,9 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from agentkiln.engine.weight_roots import WeightsPolicy
 from agentkiln.dashboard.routes import PUBLIC_PATHS as DASHBOARD_PUBLIC_PATHS
 from agentkiln.dashboard.routes import build_dashboard_router
+from agentkiln.engine.weight_roots import WeightsPolicy
 from agentkiln.engine.weight_sync import ModelSync
 from agentkiln.gateway.router import install_gateway
 from agentkiln.server.auth import AttemptTokens, AuthMiddleware
