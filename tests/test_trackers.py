@@ -7,7 +7,7 @@ import logging
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from agentkiln.training.trackers import TENSORBOARD_DIR, build_trackers, with_trackers
+from agentkiln.training.trackers import TENSORBOARD_DIR, WANDB_DIR, build_trackers, with_trackers
 
 STEP_METRICS = ("train_reward", "val_reward", "loss", "kl", "clip_frac", "tokens_per_s", "sample_s", "learn_s")
 
@@ -53,3 +53,18 @@ def test_a_failing_tracker_does_not_stop_training(caplog):
     with caplog.at_level(logging.ERROR):
         with_trackers(lambda k, d: seen.append(k), [Broken()])("step", {"step": 1})
     assert seen == ["step"] and "Broken failed" in caplog.text
+
+
+def test_wandb_offline_run_holds_the_step_metrics(tmp_path, monkeypatch):
+    """report_to="wandb": an offline W&B run under run_dir/wandb (nothing is uploaded) with every step's metrics."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tracker,) = build_trackers("wandb", tmp_path / "demo")
+    with_trackers(None, [tracker])("validation", {"tag": "before", "reward": 0.25, "n": 4})
+    for step in (1, 2):
+        with_trackers(None, [tracker])("step", {"step": step, **{m: step / 10 for m in STEP_METRICS}})
+    tracker.close()
+    (run_file,) = (tmp_path / "demo" / WANDB_DIR).glob("offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()  # the run's records (protobuf): each metric key is in them
+    for metric in STEP_METRICS:
+        assert f"train/{metric}".encode() in data, metric

@@ -1,9 +1,11 @@
-"""Experiment trackers, chosen the way TRL's `report_to` chooses them: "tensorboard" or "none".
+"""Experiment trackers, chosen the way TRL's `report_to` chooses them: "tensorboard", "wandb", "none".
 
 A tracker listens to the training events (`on_event(kind, data)`: "step" records from
 `Run.record`, "validation" scores) and writes each step's numbers as scalars; the loop
 itself knows nothing about trackers. TensorBoard's files go to `run_dir/tensorboard`
-(open them with `tensorboard --logdir runs/demo/tensorboard`).
+(open them with `tensorboard --logdir runs/demo/tensorboard`); W&B runs offline unless
+WANDB_MODE says otherwise, under `run_dir/wandb` (`wandb sync runs/demo/wandb/offline-run-*`
+uploads one later).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
-REPORTERS = ("tensorboard", "none")
+WANDB_DIR = "wandb"
+REPORTERS = ("tensorboard", "wandb", "none")
 EventHandler = Callable[[str, dict[str, Any]], None]
 
 
@@ -63,8 +66,37 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+class WandbTracker:
+    """Logs step metrics to Weights & Biases, offline by default (nothing leaves the machine)."""
+
+    def __init__(self, run_dir: str | Path, project: str = "agentkiln") -> None:
+        import os
+
+        import wandb
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", project),
+            name=run_dir.name,
+            dir=str(run_dir),
+            mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "step":
+            values = _scalars({k: v for k, v in data.items() if k != "step"})
+            self.run.log({f"train/{k}": v for k, v in values.items()}, step=int(data.get("step", 0)))
+        elif kind == "validation" and data.get("tag") == "before" and isinstance(data.get("reward"), (int, float)):
+            self.run.log({"train/val_reward": float(data["reward"])}, step=0)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 def build_trackers(report_to: str | Sequence[str] | None, run_dir: str | Path) -> list[Tracker]:
-    """The trackers `report_to` names ("tensorboard", "none", or a list of them)."""
+    """The trackers `report_to` names ("tensorboard", "wandb", "none", or a list of them)."""
     names = [report_to] if isinstance(report_to, str) or report_to is None else list(report_to)
     trackers: list[Tracker] = []
     for name in names:
@@ -72,6 +104,8 @@ def build_trackers(report_to: str | Sequence[str] | None, run_dir: str | Path) -
             continue
         if name == "tensorboard":
             trackers.append(TensorBoardTracker(Path(run_dir) / TENSORBOARD_DIR))
+        elif name == "wandb":
+            trackers.append(WandbTracker(run_dir))
         else:
             raise ValueError(f"unknown report_to {name!r}: use one of {', '.join(REPORTERS)}")
     return trackers
