@@ -106,3 +106,9 @@ def test_plain_ascii_json_skips_stdlib(monkeypatch):
 
     monkeypatch.setattr(json_text.json, "dumps", refuse)
     assert json_text.dumps(attributes) == expected
+
+
+def test_numpy_values_match_stdlib():
+    np = pytest.importorskip("numpy")
+    for value in (np.float64(0.1), {"a": np.float32(1.5)}, [np.int64(3)], np.array([1, 2])):
+        assert _ours(value) == _stdlib(value)
