@@ -19,7 +19,7 @@ from agentkiln.dashboard.routes import build_dashboard_router
 from agentkiln.engine.weight_roots import WeightsPolicy
 from agentkiln.engine.weight_sync import ModelSync
 from agentkiln.gateway.router import install_gateway
-from agentkiln.server.auth import AttemptTokens, AuthMiddleware
+from agentkiln.server.auth import AttemptTokens, AuthMiddleware, document_security
 from agentkiln.server.engine_routes import build_engine_status_router
 from agentkiln.server.errors import (
     BodyLimitMiddleware,
@@ -103,7 +103,7 @@ def create_app(
     public_paths = (*public_paths, *DASHBOARD_PUBLIC_PATHS)  # the dashboard's page shells hold no data
     install_gateway(app)  # ahead of every other route
 
-    # Added innermost first: a request passes error catcher -> API key -> body limit -> idempotency -> routes.
+    # Added innermost first: a request passes error catcher -> auth -> body limit -> idempotency -> routes.
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     if api_key:
@@ -114,6 +114,7 @@ def create_app(
             tokens=app.state.attempt_tokens,
             public_paths=public_paths,
         )
+        document_security(app, public_paths)
     app.add_middleware(UnexpectedErrorMiddleware)
     if allowed_hosts is not None:  # outermost: a rebinding page's request never reaches a route
         app.add_middleware(TrustedHostMiddleware, allowed=allowed_hosts)

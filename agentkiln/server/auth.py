@@ -22,7 +22,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -248,3 +248,28 @@ class AuthMiddleware:
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
+
+
+def document_security(app: Any, public_paths: Iterable[str]) -> None:
+    """Declare the credentials in the OpenAPI schema (bearer or X-Api-Key) on every non-public route,
+    so clients and API testers (schemathesis' ignored_auth check) know which calls need one."""
+    public = frozenset(public_paths)
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "admin key, runner key or attempt token"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": Headers.api_key},
+            }
+            for path, operations in schema.get("paths", {}).items():
+                if path in public:
+                    continue
+                for operation in operations.values():
+                    if isinstance(operation, dict):
+                        operation["security"] = [{"bearer": []}, {"apiKey": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
+
