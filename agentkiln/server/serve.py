@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from agentkiln.engine.weight_roots import DEFAULT_MAX_WEIGHT_SETS, WeightsPolicy
 from agentkiln.server.app import create_app
 from agentkiln.server.host_check import LOOPBACK_HOSTS, check_bind
+from agentkiln.server.http_protocol import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,13 @@ DEFAULT_WEIGHTS_ROOT = "runs"  # where `kiln train` writes adapters when started
 #   descriptors (ulimit is often 1024-4096) or memory with parked requests.
 # - KEEP_ALIVE_S 20: idle connections close after 20 s, longer than clients pool them (httpx: 5 s),
 #   so the server never closes a connection a client is about to reuse.
-# - MAX_HEADER_BYTES 64 KiB: h11's bound on an incomplete request head (request line + headers);
-#   h11 is chosen over httptools for it, as httptools has no such bound.
+# - MAX_HEAD_BYTES 64 KiB: the bound on a request head (request line + headers), kept by
+#   http_protocol.BoundedHttpToolsProtocol (httptools' speed, h11's bound: 431 past it).
 # - BACKLOG 1024: connections the kernel queues before accept; beyond it clients retry.
 # - GRACEFUL_SHUTDOWN_S 10: a stop waits this long for requests in flight (long polls end
 #   within MAX_WAIT_S = 30 s), then closes them, so SIGTERM never hangs.
 LIMIT_CONCURRENCY = 1024
 KEEP_ALIVE_S = 20
-MAX_HEADER_BYTES = 64 * 1024
 BACKLOG = 1024
 GRACEFUL_SHUTDOWN_S = 10
 
@@ -54,10 +54,10 @@ def uvicorn_config(app: Any, **kwargs: Any) -> uvicorn.Config:
     """uvicorn.Config with the bounds above (kwargs override them)."""
     settings: dict[str, Any] = {
         "lifespan": "on",
-        "http": "h11",
+        "http": BoundedHttpToolsProtocol,
         "limit_concurrency": LIMIT_CONCURRENCY,
         "timeout_keep_alive": KEEP_ALIVE_S,
-        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+        "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # if a caller picks http="h11"
         "backlog": BACKLOG,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
     }
@@ -122,8 +122,12 @@ async def serve_async(
     log_level: str = "info",
     weights_roots: Sequence[str | Path] = (),
     max_weight_sets: int = DEFAULT_MAX_WEIGHT_SETS,
+    max_tokens_default: Optional[int] = None,
 ) -> None:
-    """`weights_roots` (plus $KILN_WEIGHTS_ROOTS; ./runs when both are empty) are the only folders
+    """`max_tokens_default` bounds the answer of a gateway client that sends no token limit (None:
+    until a stop or the model's context limit).
+
+    `weights_roots` (plus $KILN_WEIGHTS_ROOTS; ./runs when both are empty) are the only folders
     published weights are loaded from; the hub is never reached (offline mode)."""
     check_bind(host, api_key)  # before anything is opened: a refused start leaves nothing behind
     # Nothing the server loads may come from the hub (a published adapter_path could name a hub id).
@@ -147,6 +151,7 @@ async def serve_async(
     )
     log.info("published weights load only from %s", ", ".join(str(r) for r in weights_policy.roots))
     app.state.engine = engine
+    app.state.max_tokens_default = max_tokens_default  # read per request by the gateway
     own_resources(app, store, engine)
     config = uvicorn_config(app, host=host, port=port, log_level=log_level)
     # What start-up allocated (model, libraries, app) lives as long as the server: keep it out of
