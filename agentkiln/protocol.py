@@ -148,6 +148,9 @@ class SpanAttrs:
     response_logprobs = "kiln.llm.response_logprobs"
     finish_reason = "kiln.llm.finish_reason"
     parse_error = "kiln.llm.parse_error"  # str: why a tool call could not be parsed
+    # bool: sampled under a grammar (structured output / forced tool call); logprobs are then
+    # under the grammar-masked, renormalised distribution, not the model's own
+    constrained = "kiln.llm.constrained"
     latency_s = "kiln.llm.latency_s"
     choice_index = "kiln.llm.choice_index"
     call_id = "kiln.llm.call_id"  # chat completion / response id, shared by the choices of one call
@@ -253,6 +256,7 @@ class LLMCall(BaseModel):
     finish_reason: Optional[str] = None
     parse_error: Optional[str] = None
     latency_s: Optional[float] = None
+    constrained: bool = False
 
     def attributes(self) -> dict[str, Any]:
         """The span attributes this call is recorded as (the inverse of `from_attributes`)."""
@@ -277,6 +281,8 @@ class LLMCall(BaseModel):
                     SpanAttrs.choice_index: self.choice_index,
                 }
             )
+            if self.constrained:
+                attrs[SpanAttrs.constrained] = True
         return attrs
 
     @classmethod
@@ -305,6 +311,7 @@ class LLMCall(BaseModel):
             finish_reason=_opt_str(attrs.get(SpanAttrs.finish_reason)),
             parse_error=_opt_str(attrs.get(SpanAttrs.parse_error)),
             latency_s=float(latency) if isinstance(latency, (int, float)) and math.isfinite(latency) else None,
+            constrained=attrs.get(SpanAttrs.constrained) is True,
         )
 
     @classmethod

@@ -132,7 +132,9 @@ def test_token_expires_with_its_attempt(server) -> None:
     rid, aid = _ids(mine)
     token = _auth(mine["token"])
     assert client.post("/api/v1/spans", json=[_span(mine)], headers=token).status_code == 200
-    r = client.patch(f"/api/v1/rollouts/{rid}/attempts/{aid}", json={"status": "succeeded"}, headers=_auth(RUNNER_KEY))
+    r = client.patch(
+        f"/api/v1/rollouts/{rid}/attempts/{aid}", json={"status": "succeeded", "worker_id": "w"}, headers=_auth(RUNNER_KEY)
+    )
     assert r.status_code == 200
     r = client.post("/api/v1/spans", json=[_span(mine)], headers=token)
     assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
@@ -159,6 +161,17 @@ def test_runner_key_runs_the_loop_but_administers_nothing(server) -> None:
     assert client.post("/api/v1/workers/w/heartbeat", json={}, headers=runner).status_code == 200
     assert client.get(f"/api/v1/rollouts/{rid}", headers=runner).status_code == 200
     assert client.post(f"/api/v1/rollouts/{rid}/cancel", headers=_auth(ADMIN_KEY)).status_code == 200
+
+
+def test_runner_updates_only_the_attempts_it_holds(server) -> None:
+    _, client = server
+    mine, _ = _two_attempts(client)  # dequeued by worker "w"
+    rid, aid = _ids(mine)
+    path, runner = f"/api/v1/rollouts/{rid}/attempts/{aid}", _auth(RUNNER_KEY)
+    for body in ({"status": "succeeded"}, {"status": "failed", "worker_id": "someone-else"}):
+        r = client.patch(path, json=body, headers=runner)
+        assert r.status_code == 403 and "held by worker" in r.json()["error"]["message"], r.text
+    assert client.patch(path, json={"status": "succeeded", "worker_id": "w"}, headers=runner).status_code == 200
 
 
 def test_no_client_clock(server) -> None:

@@ -16,6 +16,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agentkiln.engine import limits
 
 
+class StructuredOutput(BaseModel):
+    """What the answer must be: any JSON object, or JSON following `json_schema` (OpenAI response_format)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object", "json_schema"]
+    name: str | None = Field(default=None, max_length=64)
+    json_schema: dict[str, Any] | None = Field(default=None, description="the JSON schema (type json_schema)")
+    strict: bool = False
+
+    def response_format(self) -> dict[str, Any]:
+        """The chat completions `response_format` this is (what an upstream server is sent)."""
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        inner: dict[str, Any] = {"name": self.name or "response", "schema": self.json_schema or {}}
+        inner["strict"] = self.strict
+        return {"type": "json_schema", "json_schema": inner}
+
+
 class ChatRequest(BaseModel):
     """Normalised form of what OpenAI clients send (chat completions and responses API).
 
@@ -37,6 +56,14 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=limits.MAX_N)
     seed: Optional[int] = Field(default=None, ge=limits.INT64_MIN, le=limits.INT64_MAX)
     model: Optional[str] = None
+    structured: StructuredOutput | None = Field(
+        default=None, description="constrain the answer to JSON (response_format / text.format)"
+    )
+    passthrough: dict[str, Any] = Field(
+        default_factory=dict,
+        description="body fields the gateway does not act on (top_k, min_p, penalties, logit_bias, guided "
+        "decoding options, ...): an upstream server gets them unchanged, the embedded engine ignores them",
+    )
     agent: Optional[str] = Field(
         default=None,
         description="the calling agent (set by the gateway); engines holding that agent's own weights serve them",
@@ -67,6 +94,9 @@ class ChatChoice(BaseModel):
     response_ids: list[int] = Field(default_factory=list)
     logprobs: list[float] = Field(default_factory=list)
     parse_error: Optional[str] = Field(default=None, description="set when tool-call markup was malformed")
+    constrained: bool = Field(
+        default=False, description="sampled under a grammar (structured output / forced tool call): see logprobs"
+    )
 
 
 class ChatResult(BaseModel):

@@ -92,6 +92,7 @@ def spans_for_result(
             finish_reason=choice.finish_reason,
             parse_error=choice.parse_error,
             choice_index=choice.index,
+            constrained=choice.constrained,
         ).attributes()
         spans.append(_span(ctx, attrs, end_time, SpanStatus(code="OK")))
     return spans

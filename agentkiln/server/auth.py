@@ -163,6 +163,16 @@ def check_span_writes(principal: Principal, spans: Sequence[SpanIn]) -> None:
             )
 
 
+def check_attempt_holder(principal: Principal, attempt: Any, worker_id: str | None) -> None:
+    """403 unless a runner updates an attempt it holds: the worker the attempt was handed to names itself."""
+    if principal.role != Role.runner or attempt.worker_id is None or worker_id == attempt.worker_id:
+        return
+    raise ForbiddenError(
+        f"attempt {attempt.attempt_id} is held by worker {attempt.worker_id!r}; a runner updates only the "
+        "attempts it holds (send its worker_id)"
+    )
+
+
 # --------------------------------------------------------------------------- middleware
 
 

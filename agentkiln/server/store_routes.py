@@ -31,8 +31,8 @@ from agentkiln.models import (
     Worker,
     WorkerStatus,
 )
-from agentkiln.protocol import API_PREFIX, principal_of
-from agentkiln.server.auth import check_span_writes
+from agentkiln.protocol import API_PREFIX, Role, principal_of
+from agentkiln.server.auth import check_attempt_holder, check_span_writes
 from agentkiln.server.engine_routes import check_publishable
 from agentkiln.server.errors import error_responses
 from agentkiln.server.json_body import JsonBodyRoute
@@ -227,7 +227,12 @@ async def get_latest_attempt(request: Request, rollout_id: str) -> Any:
 
 @api.patch("/rollouts/{rollout_id}/attempts/{attempt_id}", response_model=Attempt, responses=_CHANGE)
 async def update_attempt(request: Request, rollout_id: str, attempt_id: str, body: UpdateAttemptBody) -> Attempt:
-    return await _store(request).update_attempt(rollout_id, attempt_id, **_set_fields(body))
+    store, caller = _store(request), principal_of(request)
+    if caller.role == Role.runner:
+        held = next((a for a in await store.query_attempts(rollout_id) if a.attempt_id == attempt_id), None)
+        if held is not None:  # an unknown attempt is the store's 404
+            check_attempt_holder(caller, held, body.worker_id)
+    return await store.update_attempt(rollout_id, attempt_id, **_set_fields(body))
 
 
 # ----------------------------------------------------------------------------- spans

@@ -29,6 +29,7 @@ import torch
 from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.engine.chat import ChatTemplate, RenderedPrompt, template_for
 from agentkiln.engine.embedded.detokenizer import IncrementalDetokenizer
+from agentkiln.engine.embedded.grammar import GrammarCache, grammar_spec
 from agentkiln.engine.embedded.prefix_cache import PrefixCache
 from agentkiln.engine.embedded.sampler import StopStringMatcher, cut_at_stop, find_stop_ids
 from agentkiln.engine.embedded.scheduler import EngineStats, Scheduler
@@ -84,9 +85,11 @@ class TransformersEngine(Engine):
         self._max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
         # Large prompts are rendered one at a time: a flood of them takes one core, never all of them.
         self._render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-render")
+        stop_ids = find_stop_ids(self.tokenizer, self._model.generation_config)
+        self.grammars = GrammarCache(self.tokenizer, int(cfg.vocab_size), stop_ids)
         self._scheduler = Scheduler(
             self.weights,
-            stop_ids=find_stop_ids(self.tokenizer, self._model.generation_config),
+            stop_ids=stop_ids,
             pad_id=self._pad_id,
             device=self.device,
             max_batch_size=max_batch_size,
@@ -152,8 +155,12 @@ class TransformersEngine(Engine):
     async def chat(self, request: ChatRequest) -> ChatResult:
         loop = asyncio.get_running_loop()
         prompt = await self.render_async(request)
+        grammar = await self._grammar(request)
         futures: list[asyncio.Future[SeqOutput]] = [loop.create_future() for _ in range(request.n)]
-        seqs = [self._make_seq(request, prompt.ids, i, _future_callbacks(loop, fut)) for i, fut in enumerate(futures)]
+        seqs = [
+            self._make_seq(request, prompt.ids, i, _future_callbacks(loop, fut), grammar)
+            for i, fut in enumerate(futures)
+        ]
         self._scheduler.submit(seqs)
         try:
             outputs = await asyncio.gather(*futures)
@@ -168,6 +175,7 @@ class TransformersEngine(Engine):
             raise ValueError("streaming supports n == 1 only")
         loop = asyncio.get_running_loop()
         prompt = await self.render_async(request)
+        grammar = await self._grammar(request)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def on_token(tok: int, out: SeqOutput | None) -> None:
@@ -176,7 +184,7 @@ class TransformersEngine(Engine):
         def on_error(exc: BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("err", exc))
 
-        seq = self._make_seq(request, prompt.ids, 0, (on_token, on_error))
+        seq = self._make_seq(request, prompt.ids, 0, (on_token, on_error), grammar)
         self._scheduler.submit([seq])
         detok = IncrementalDetokenizer(self.tokenizer)
         visible = self.chat_template.stream_filter(request.stop, bool(request.tools))
@@ -250,7 +258,16 @@ class TransformersEngine(Engine):
         self._scheduler.add_task((fn, done))
         await fut
 
-    def _make_seq(self, request: ChatRequest, prompt_ids: list[int], index: int, callbacks: Callbacks) -> Sequence:
+    async def _grammar(self, request: ChatRequest) -> Any:
+        """The request's compiled grammar (None: unconstrained), compiled on the render thread."""
+        spec = grammar_spec(request)
+        if spec is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(self._render_pool, self.grammars.compile, spec)
+
+    def _make_seq(
+        self, request: ChatRequest, prompt_ids: list[int], index: int, callbacks: Callbacks, grammar: Any = None
+    ) -> Sequence:
         if len(prompt_ids) >= self.max_context:
             raise EngineRequestError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}")
         gen = torch.Generator(device="cpu")
@@ -268,6 +285,7 @@ class TransformersEngine(Engine):
             generator=gen,
             on_token=callbacks[0],
             on_error=callbacks[1],
+            grammar=self.grammars.matcher(grammar) if grammar is not None else None,
             agent=request.agent,
         )
 
@@ -288,6 +306,7 @@ class TransformersEngine(Engine):
                     response_ids=out.ids,
                     logprobs=out.logprobs,
                     parse_error=parsed.parse_error,
+                    constrained=grammar_spec(request) is not None,
                 )
             )
         version = outputs[0].model_version if outputs else self.version_for(request.agent)

@@ -374,14 +374,22 @@ class Scheduler:
                 self._fail(seq, exc)
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, version: str) -> None:
-        """Sample one token for `seq`, decide whether it finished, and tell its caller."""
+        """Sample one token for `seq`, decide whether it finished, and tell its caller.
+
+        A constrained sequence samples from its grammar-masked logits, so its logprob is under the
+        masked, renormalised distribution (see engine.embedded.grammar); it ends when the grammar does.
+        """
+        if seq.grammar is not None:
+            logits = seq.grammar.mask(logits)
         tok, logprob = sample(logits, seq.temperature, seq.top_p, seq.generator)
+        if seq.grammar is not None and tok not in self.stop_ids:
+            seq.grammar.accept(tok)
         seq.ids.append(tok)
         seq.logprobs.append(logprob)
         self.stats.tokens += 1
         finish = None
         stop_string = seq.stop is not None and seq.stop.add(tok)  # fed every token: it decodes incrementally
-        if tok in self.stop_ids or stop_string:
+        if tok in self.stop_ids or stop_string or (seq.grammar is not None and seq.grammar.done):
             finish = "stop"
         elif len(seq.ids) >= seq.max_tokens:
             finish = "length"

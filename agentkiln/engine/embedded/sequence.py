@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,7 @@ class Sequence:
     generator: torch.Generator
     on_token: Callable[[int, SeqOutput | None], None]  # (token id, output when this token ends it)
     on_error: Callable[[BaseException], None]
+    grammar: Any = None  # a grammar.GrammarState when the output is constrained (structured / forced tool call)
     agent: str | None = None  # whose weights to use, if that agent has its own (resolved when admitted)
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)

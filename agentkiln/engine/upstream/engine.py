@@ -101,6 +101,10 @@ class UpstreamEngine(Engine):
             body["stop"] = request.stop
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.structured is not None:
+            body["response_format"] = request.structured.response_format()
+        for key, value in request.passthrough.items():  # top_k, penalties, guided_*, ...: unchanged
+            body.setdefault(key, value)
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

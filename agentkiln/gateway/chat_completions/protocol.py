@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator, Literal, Optional, Union
 from pydantic import Field, field_validator
 
 from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult
-from agentkiln.gateway import limits, sse, wire
+from agentkiln.gateway import limits, sse, structured, wire
 from agentkiln.gateway.errors import invalid
 
 # --------------------------------------------------------------------------- request
@@ -74,6 +74,7 @@ class ChatCompletionRequest(wire.Tolerant):
     user: Optional[str] = None
     metadata: Optional[dict[str, Any]] = None
     return_token_ids: Optional[bool] = Field(default=None, description="vLLM extension: echo token ids back")
+    response_format: Optional[dict[str, Any]] = Field(default=None, description="text / json_object / json_schema")
 
     @field_validator("stop")
     @classmethod
@@ -136,6 +137,8 @@ def chat_request_to_engine(req: ChatCompletionRequest, default_max_tokens: Optio
         n=req.n,
         seed=req.seed,
         model=req.model,
+        structured=structured.chat_response_format(req.response_format),
+        passthrough=structured.chat_passthrough(req),
         **wire.sampling(req.temperature, req.top_p),
     )
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Iterator, Literal, Optional, Union
 from pydantic import BaseModel, Field, ValidationError
 
 from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult
-from agentkiln.gateway import limits, sse, wire
+from agentkiln.gateway import limits, sse, structured, wire
 from agentkiln.gateway.errors import GatewayError, invalid, validation_error_to_gateway
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -33,6 +33,7 @@ class ResponsesRequest(wire.Tolerant):
     metadata: Optional[dict[str, Any]] = None
     user: Optional[str] = None
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    text: Optional[dict[str, Any]] = Field(default=None, description="text.format: text / json_object / json_schema")
 
 
 class _InputMessage(wire.Tolerant):
@@ -156,6 +157,8 @@ def responses_request_to_engine(req: ResponsesRequest, default_max_tokens: Optio
         tools=tools,
         tool_choice=tool_choice if tools else None,
         model=req.model,
+        structured=structured.responses_text_format(req.text),
+        passthrough=structured.responses_passthrough(req),
         **wire.sampling(req.temperature, req.top_p),
     )
 
@@ -245,7 +248,7 @@ def response_object(
         "reasoning": {"effort": None, "summary": None},
         "store": False,
         "temperature": 1.0 if req.temperature is None else req.temperature,
-        "text": {"format": {"type": "text"}},
+        "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
         "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
         "tools": req.tools or [],
         "top_p": 1.0 if req.top_p is None else req.top_p,
