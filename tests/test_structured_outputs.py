@@ -176,6 +176,23 @@ def test_forced_tool_call(env, tool_choice, names):
     assert last_call(env, before + 1).constrained is True
 
 
+def test_responses_forced_tool_call(env):
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    resp = env.client.responses.create(
+        model="tiny", input="What time is it?", tools=tools, tool_choice="required", max_output_tokens=80
+    )
+    (call,) = [item for item in resp.output if item.type == "function_call"]
+    schema = next(t["parameters"] for t in tools if t["name"] == call.name)
+    jsonschema.validate(json.loads(call.arguments), schema)
+
+
+def test_named_tool_must_exist(env):
+    choice = {"type": "function", "function": {"name": "no_such_tool"}}
+    with pytest.raises(openai.BadRequestError) as info:
+        env.client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS, tool_choice=choice, max_tokens=5)
+    assert "no_such_tool" in str(info.value)
+
+
 def test_grammars_are_compiled_once_per_schema(env):
     schema = {**PERSON, "properties": {**PERSON["properties"], "name": {"type": "string", "maxLength": 5}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "short", "schema": schema, "strict": True}}
