@@ -176,6 +176,19 @@ def test_forced_tool_call(env, tool_choice, names):
     assert last_call(env, before + 1).constrained is True
 
 
+def test_forced_tool_call_streamed(env):
+    stream = env.client.chat.completions.create(
+        model="tiny", messages=USER, tools=TOOLS, tool_choice="required", max_tokens=80, seed=4, stream=True
+    )
+    chunks = [c for c in stream if c.choices]
+    calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    name = "".join(tc.function.name or "" for tc in calls if tc.function)
+    arguments = "".join(tc.function.arguments or "" for tc in calls if tc.function)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == name)
+    jsonschema.validate(json.loads(arguments), schema)
+
+
 def test_responses_forced_tool_call(env):
     tools = [{"type": "function", **t["function"]} for t in TOOLS]
     resp = env.client.responses.create(
