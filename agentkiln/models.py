@@ -335,6 +335,10 @@ class Transition(_Wire):
     done: bool = False
     group_id: Optional[str] = None
     model_version: Optional[str] = None
+    temperature: Optional[float] = Field(
+        default=None, description="the call's sampling temperature (None: not recorded; the learner's config one)"
+    )
+    top_p: Optional[float] = Field(default=None, description="the call's top_p (recorded; see training/learner.py)")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

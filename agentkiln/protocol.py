@@ -148,14 +148,19 @@ class SpanAttrs:
     response_logprobs = "kiln.llm.response_logprobs"
     finish_reason = "kiln.llm.finish_reason"
     parse_error = "kiln.llm.parse_error"  # str: why a tool call could not be parsed
-    # bool: sampled under a grammar (structured output / forced tool call); logprobs are then
-    # under the grammar-masked, renormalised distribution, not the model's own
+    # bool: sampled under a grammar (structured output / forced tool call); the recorded logprobs
+    # are still the model's own (unmasked), what the learner recomputes (engine/embedded/grammar.py)
     constrained = "kiln.llm.constrained"
     latency_s = "kiln.llm.latency_s"
     choice_index = "kiln.llm.choice_index"
     call_id = "kiln.llm.call_id"  # chat completion / response id, shared by the choices of one call
     api = "kiln.llm.api"  # "chat.completions" or "responses"
     stream = "kiln.llm.stream"
+    # the sampling settings the engine used for this call (what the agent asked for, normalised)
+    temperature = "kiln.llm.temperature"  # float; below GREEDY_BELOW_TEMPERATURE: greedy
+    top_p = "kiln.llm.top_p"  # float
+    top_k = "kiln.llm.top_k"  # int, only when the engine applied one
+    min_p = "kiln.llm.min_p"  # float, only when the engine applied one
     # failures
     failure_kind = "kiln.failure.kind"
     exception_type = "kiln.exception.type"
@@ -221,6 +226,15 @@ def _opt_str(value: Any) -> Optional[str]:
     return None if value is None else str(value)
 
 
+def _opt_float(value: Any) -> Optional[float]:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _opt_int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _function_calls(message: dict[str, Any]) -> list[tuple[Any, Any]]:
     """[(name, arguments), ...] of a chat message's tool calls (their random ids left out)."""
     calls = []
@@ -257,6 +271,10 @@ class LLMCall(BaseModel):
     parse_error: Optional[str] = None
     latency_s: Optional[float] = None
     constrained: bool = False
+    temperature: Optional[float] = None  # the call's own sampling settings (None: not recorded)
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
 
     def attributes(self) -> dict[str, Any]:
         """The span attributes this call is recorded as (the inverse of `from_attributes`)."""
@@ -269,6 +287,14 @@ class LLMCall(BaseModel):
             SpanAttrs.model_version: self.model_version,
             SpanAttrs.latency_s: self.latency_s,
         }
+        for key, value in (
+            (SpanAttrs.temperature, self.temperature),
+            (SpanAttrs.top_p, self.top_p),
+            (SpanAttrs.top_k, self.top_k),
+            (SpanAttrs.min_p, self.min_p),
+        ):
+            if value is not None:
+                attrs[key] = value
         if self.response is not None:
             attrs.update(
                 {
@@ -312,6 +338,10 @@ class LLMCall(BaseModel):
             parse_error=_opt_str(attrs.get(SpanAttrs.parse_error)),
             latency_s=float(latency) if isinstance(latency, (int, float)) and math.isfinite(latency) else None,
             constrained=attrs.get(SpanAttrs.constrained) is True,
+            temperature=_opt_float(attrs.get(SpanAttrs.temperature)),
+            top_p=_opt_float(attrs.get(SpanAttrs.top_p)),
+            top_k=_opt_int(attrs.get(SpanAttrs.top_k)),
+            min_p=_opt_float(attrs.get(SpanAttrs.min_p)),
         )
 
     @classmethod

@@ -81,7 +81,6 @@ def test_bad_chat_bodies(env, body, param, contains):
     "body, param, contains",
     [
         ({"model": "m"}, "input", "input"),
-        ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "previous_response_id"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type", "web_search"),
         ({"input": [{"type": "file_search_call", "id": "x"}]}, "input.0.type", "file_search_call"),
         ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.0.call_id", "call_id"),

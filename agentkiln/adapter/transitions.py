@@ -44,6 +44,8 @@ class SkipReason(str, Enum):
     stale_attempt = "stale_attempt"  # span of an attempt superseded by a later one (or unknown attempt)
     unfinished_attempt = "unfinished_attempt"  # the latest attempt is still running / unresponsive
     no_reward = "no_reward"  # no reward span and CreditConfig.missing_reward is None
+    # sampled with settings the learner does not reproduce (top_k, min_p): its log-probs would not match
+    unreproducible_sampling = "unreproducible_sampling"
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class _Call:
     logprobs: list[float]
     mask: list[int]
     model_version: str | None
+    temperature: float | None = None  # the call's own sampling settings (None: not recorded)
+    top_p: float | None = None
 
 
 def latest_attempt(rollout: Rollout, attempts: Iterable[Attempt]) -> Attempt | None:
@@ -114,6 +118,13 @@ def _check_call(
         return None, SkipReason.bad_logprobs, f"{len(logprobs)} logprobs for {len(response)} tokens"
     if rec.finish_reason == "length" and not keep_truncated:
         return None, SkipReason.truncated, ""
+    unreproducible = [
+        f"{name}={value}"
+        for name, value, off in (("top_k", rec.top_k, (0, -1)), ("min_p", rec.min_p, (0.0,)))
+        if value is not None and value not in off
+    ]
+    if unreproducible:  # the learner takes log-probs under temperature (and top_p as the engine records) only
+        return None, SkipReason.unreproducible_sampling, ", ".join(unreproducible)
     version = rec.model_version
     call = _Call(
         sequence_id=span.sequence_id,
@@ -123,6 +134,8 @@ def _check_call(
         logprobs=logprobs,
         mask=[1] * len(response),
         model_version=version,
+        temperature=rec.temperature,
+        top_p=rec.top_p,
     )
     return call, None, ""
 
@@ -140,6 +153,7 @@ def _merge(calls: Sequence[_Call]) -> list[_Call]:
             history = cur.prompt_ids + cur.response_ids
             if (
                 cur.agent == call.agent
+                and (cur.temperature, cur.top_p) == (call.temperature, call.top_p)  # one setting per transition
                 and len(call.prompt_ids) >= len(history)
                 and call.prompt_ids[: len(history)] == history
             ):
@@ -157,6 +171,8 @@ def _merge(calls: Sequence[_Call]) -> list[_Call]:
                 list(call.logprobs),
                 list(call.mask),
                 call.model_version,
+                call.temperature,
+                call.top_p,
             )
         )
     return merged
@@ -273,6 +289,8 @@ def build_transitions(
                 done=i == len(steps) - 1,
                 group_id=result.group_id,
                 model_version=c.model_version,
+                temperature=c.temperature,
+                top_p=c.top_p,
             )
         )
     if result.report:

@@ -53,6 +53,13 @@ def serve(
     max_weight_sets: int = typer.Option(
         DEFAULT_MAX_WEIGHT_SETS, "--max-weight-sets", min=0, help="Most agents served weights of their own."
     ),
+    max_tokens_default: Optional[int] = typer.Option(
+        None,
+        "--max-tokens-default",
+        min=1,
+        help="Token limit for gateway calls that send none (max_tokens / max_output_tokens). "
+        "Default: none, they generate until a stop or the model's context limit.",
+    ),
 ) -> None:
     """Serve the store API over HTTP so runners and trainers on other processes or hosts share it."""
     from agentkiln.server.host_check import UnsafeBindError
@@ -71,6 +78,7 @@ def serve(
             max_body_bytes=int(max_body_mb * 1_000_000),
             weights_roots=weights_root,
             max_weight_sets=max_weight_sets,
+            max_tokens_default=max_tokens_default,
         )
     except UnsafeBindError as exc:
         raise typer.BadParameter(str(exc), param_hint="--host") from None

@@ -49,7 +49,12 @@ class ChatRequest(BaseModel):
     )
     tools: list[dict[str, Any]] = Field(default_factory=list, description="OpenAI function tool definitions")
     tool_choice: Any = None
-    max_tokens: int = Field(default=256, ge=1, le=limits.MAX_TOKENS)
+    max_tokens: Optional[int] = Field(
+        default=None,
+        ge=1,
+        le=limits.MAX_TOKENS,
+        description="None: until a stop or the context limit (at most `limits.unlimited_cap(n)` per choice)",
+    )
     temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="< GREEDY_BELOW_TEMPERATURE samples greedily")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=limits.MAX_STOP_STRINGS)
@@ -71,7 +76,9 @@ class ChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _bounded(self) -> ChatRequest:
-        problem = limits.stop_error(self.stop) or limits.total_tokens_error(self.n, self.max_tokens)
+        problem = limits.stop_error(self.stop)
+        if self.max_tokens is not None:
+            problem = problem or limits.total_tokens_error(self.n, self.max_tokens)
         if problem:
             raise ValueError(problem)
         return self
@@ -95,7 +102,8 @@ class ChatChoice(BaseModel):
     logprobs: list[float] = Field(default_factory=list)
     parse_error: Optional[str] = Field(default=None, description="set when tool-call markup was malformed")
     constrained: bool = Field(
-        default=False, description="sampled under a grammar (structured output / forced tool call): see logprobs"
+        default=False,
+        description="sampled under a grammar (structured output / forced tool call); logprobs stay the model's own",
     )
 
 

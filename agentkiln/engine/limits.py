@@ -40,6 +40,11 @@ def total_tokens_error(n: int, max_tokens: int) -> str | None:
     return None
 
 
+def unlimited_cap(n: int) -> int:
+    """Tokens per choice when the client sets no limit: the context bounds it, and so does n x this."""
+    return min(MAX_TOKENS, MAX_TOTAL_TOKENS // max(n, 1))
+
+
 def stop_error(stop: list[str]) -> str | None:
     """Why a stop list is out of bounds, or None."""
     if len(stop) > MAX_STOP_STRINGS:

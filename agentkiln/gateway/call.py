@@ -44,7 +44,7 @@ class GatewayDeps:
 
     get_store: StoreGetter
     get_engine: EngineGetter
-    default_max_tokens: Optional[int] = None  # when a client sends no limit (None: the engine's default)
+    default_max_tokens: Optional[int] = None  # when a client sends no limit (None: app.state, else unbounded)
 
 
 class Serving:
@@ -52,6 +52,14 @@ class Serving:
 
     def __init__(self, deps: GatewayDeps) -> None:
         self.deps = deps
+
+    def default_max_tokens(self, request: Request) -> Optional[int]:
+        """The limit for a client that sends none: the router's, else the server's
+        (`app.state.max_tokens_default`, `kiln serve --max-tokens-default`), else None: until a
+        stop or the context limit, so `length` is only ever reported for a limit really hit."""
+        if self.deps.default_max_tokens is not None:
+            return self.deps.default_max_tokens
+        return getattr(request.app.state, "max_tokens_default", None)
 
 
 class ClientBody(Protocol):

@@ -10,6 +10,7 @@ Every limit answers a clear 400 (never a 500, never a stalled event loop):
 | strings | valid Unicode (no lone surrogates: they cannot be encoded back to UTF-8) | here |
 | stop strings | `engine.limits.MAX_STOP_STRINGS` of `MAX_STOP_CHARS` each | request models |
 | max_tokens, n, n x max_tokens | `MAX_TOKENS`, `MAX_N`, `MAX_TOTAL_TOKENS` | request models |
+| no max_tokens | until a stop or the context; `kiln serve --max-tokens-default N` bounds it; per choice at most `unlimited_cap(n)` (n x it <= `MAX_TOTAL_TOKENS`) | engine |
 | seed | int64 | request models |
 | logit_bias | `MAX_LOGIT_BIAS` entries, token id keys in 0..2^31-1, values in -100..100 | request models |
 | messages / input items | `MAX_MESSAGES`, their text `MAX_PROMPT_CHARS` in all | request models |
@@ -149,12 +150,15 @@ def logit_bias_error(bias: dict[str, float]) -> Optional[str]:
     return None
 
 
-DEFAULT_MAX_TOKENS = 256  # what the engine contract generates when nothing is asked
-
-
 def check_generation(n: int, max_tokens: Optional[int], param: str = "n") -> None:
-    """400 when n x max_tokens is more than one request may make the engine generate."""
-    problem = total_tokens_error(n, DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
+    """400 when n x max_tokens is more than one request may make the engine generate.
+
+    No limit (None) passes: the engine then generates until a stop or the context limit, at most
+    `engine.limits.unlimited_cap(n)` tokens per choice, so n x that stays within MAX_TOTAL_TOKENS.
+    """
+    if max_tokens is None:
+        return
+    problem = total_tokens_error(n, max_tokens)
     if problem:
         raise invalid(f"Request asks for too many tokens: {problem}", param, "too_many_tokens")
 

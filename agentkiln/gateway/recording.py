@@ -60,10 +60,24 @@ class CallContext:
     stream: bool = False
 
 
+def _asked(req: ChatRequest, name: str) -> Any:
+    """A sampling setting the agent sent beyond temperature/top_p (a request field, or passed through)."""
+    value = getattr(req, name, None)
+    if value is None:
+        value = (getattr(req, "passthrough", None) or {}).get(name)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _call(ctx: CallContext, **fields: Any) -> LLMCall:
     # model_construct: the gateway built every field itself; validating again costs latency.
+    req = ctx.engine_request
     return LLMCall.model_construct(
-        request=ctx.engine_request.model_dump(mode="json"),
+        request=req.model_dump(mode="json"),
+        # What the engine sampled with (the learner takes log-probs under the same settings).
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=_asked(req, "top_k"),
+        min_p=_asked(req, "min_p"),
         agent=ctx.agent_name,
         call_id=ctx.call_id,
         api=ctx.api,

@@ -20,6 +20,7 @@ from agentkiln.gateway.chat_completions.serving import ChatCompletionsServing
 from agentkiln.gateway.errors import GatewayError
 from agentkiln.gateway.models import ModelsServing
 from agentkiln.gateway.responses.serving import ResponsesServing
+from agentkiln.gateway.responses.state import ResponseLookup, ResponseStates
 from agentkiln.protocol import ATTEMPT_AGENT_ROUTE, ATTEMPT_ROUTE, OPENAI_PREFIX
 from agentkiln.store.base import Store
 
@@ -51,6 +52,7 @@ def build_gateway_routes(
     get_engine: Optional[EngineGetter] = None,
     *,
     default_max_tokens: Optional[int] = None,
+    response_states: Optional[ResponseStates] = None,
 ) -> list[Route]:
     """/v1/{chat/completions,responses,models} and their per-attempt (and per-agent) twins.
 
@@ -58,16 +60,22 @@ def build_gateway_routes(
     dependency solving and route bookkeeping would only add latency to every LLM call.
     The getters are called per request (defaults: `request.app.state.store` / `.engine`), so the
     server can swap or attach the engine at runtime. `default_max_tokens` applies when a client
-    sends no limit (None: the engine contract's default, 256).
+    sends no limit (None: `app.state.max_tokens_default` if set, else until a stop or the context limit).
+    `response_states` keeps stored Responses API responses (default: a new bounded in-process LRU).
     """
     deps = GatewayDeps(get_store or _default_store, get_engine or _default_engine, default_max_tokens)
     chat = _answering_errors(ChatCompletionsServing(deps))
-    responses = _answering_errors(ResponsesServing(deps))
+    states = response_states if response_states is not None else ResponseStates()
+    responses = _answering_errors(ResponsesServing(deps, states))
+    stored = _answering_errors(ResponseLookup(deps, states))
+    stored_items = _answering_errors(ResponseLookup(deps, states, items=True))
     models = _answering_errors(ModelsServing(deps))
     routes = []
     for prefix in (OPENAI_PREFIX, ATTEMPT_ROUTE, ATTEMPT_AGENT_ROUTE):
         routes.append(Route(f"{prefix}/chat/completions", chat, methods=["POST"]))
         routes.append(Route(f"{prefix}/responses", responses, methods=["POST"]))
+        routes.append(Route(f"{prefix}/responses/{{response_id}}", stored, methods=["GET", "DELETE"]))
+        routes.append(Route(f"{prefix}/responses/{{response_id}}/input_items", stored_items, methods=["GET"]))
         routes.append(Route(f"{prefix}/models", models, methods=["GET"]))
     return routes
 
@@ -77,11 +85,13 @@ def build_gateway_router(
     get_engine: Optional[EngineGetter] = None,
     *,
     default_max_tokens: Optional[int] = None,
+    response_states: Optional[ResponseStates] = None,
 ) -> APIRouter:
     """The gateway routes as a router, for apps that include it next to their own routes."""
-    return APIRouter(
-        routes=build_gateway_routes(get_store, get_engine, default_max_tokens=default_max_tokens), tags=["gateway"]
+    routes = build_gateway_routes(
+        get_store, get_engine, default_max_tokens=default_max_tokens, response_states=response_states
     )
+    return APIRouter(routes=routes, tags=["gateway"])
 
 
 def install_gateway(app: FastAPI, **kw: Any) -> None:

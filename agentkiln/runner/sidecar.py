@@ -31,6 +31,7 @@ from agentkiln.protocol import OTLP_TRACES_PATH, EnvVars, SpanAttrs, SpanNames
 from agentkiln.runner import emit
 from agentkiln.runner.agent import BaseAgent, Invocation
 from agentkiln.runner.failures import KilnFailure
+from agentkiln.runner.server_llm import has_llm
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def sidecar_env(inv: Invocation) -> dict[str, str]:
     }
     if len(task_json.encode()) <= MAX_ENV_TASK_BYTES:
         env[EnvVars.task] = task_json
-    if inv.llm is not None:
+    if has_llm(inv.llm):
         if inv.llm.base_url:
             env[EnvVars.openai_base_url] = inv.llm.base_url
         env[EnvVars.openai_api_key] = inv.llm.api_key

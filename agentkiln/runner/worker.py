@@ -33,9 +33,10 @@ from agentkiln.models import (
 )
 from agentkiln.protocol import SpanAttrs, SpanNames, attempt_base_url
 from agentkiln.runner import context, emit
-from agentkiln.runner.agent import BaseAgent, Invocation, LLMHandle
+from agentkiln.runner.agent import PLACEHOLDER_API_KEY, BaseAgent, Invocation, LLMHandle
 from agentkiln.runner.failures import LoopDetected, attempt_error
 from agentkiln.runner.loop_guard import LoopGuard
+from agentkiln.runner.server_llm import MissingLLM, server_model
 from agentkiln.store.base import NotFoundError, Store, StoreError
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class RolloutWorker:
         self.worker_id = worker_id or default_worker_id()
         self.config = config or WorkerConfig()
         self._resources_cache: dict[str, Resources] = {}
+        self._server_model: str | None = None  # the gateway's own model, for resources naming no LLM
         self.completed = 0
 
     # ------------------------------------------------------------------ loop
@@ -161,7 +163,20 @@ class RolloutWorker:
             self._resources_cache[resources_id] = cached
         return cached
 
-    def build_invocation(self, ar: AttemptedRollout, resources: Resources | None) -> Invocation:
+    async def default_llm(self, resources: Resources | None) -> tuple[str | None, str]:
+        """(model, why none) of the server's engine when no resources name an LLM (see runner/server_llm.py)."""
+        if (resources is not None and resources.llms) or not self.config.gateway_url:
+            return None, "no resources name an LLM and this runner has no server"
+        if self._server_model is None:
+            model, why = await server_model(self.config.gateway_url, self.config.api_key)
+            if model is None:
+                return None, why
+            self._server_model = model
+        return self._server_model, ""
+
+    def build_invocation(
+        self, ar: AttemptedRollout, resources: Resources | None, server_llm: tuple[str | None, str] | None = None
+    ) -> Invocation:
         rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
         # The agent gets the attempt's own token (its gateway calls and spans only), never the runner's key;
         # a store without a server (no token) falls back to the configured key.
@@ -176,6 +191,11 @@ class RolloutWorker:
         # `llm` is the shared endpoint, never one naming a single agent's weights (unless that is all there is).
         main = llms.get("main") or next((h for h in llms.values() if h.agent is None), None)
         main = main or next(iter(llms.values()), None)
+        if main is None and server_llm is not None:  # nothing published: the server's own engine, or why not
+            model, why = server_llm
+            main = LLMHandle(base_url, model, agent_key or PLACEHOLDER_API_KEY) if model else MissingLLM(why)
+            if model:
+                llms["main"] = main
         return Invocation(
             task=ar.rollout.input,
             rollout=ar.rollout,
@@ -208,7 +228,7 @@ class RolloutWorker:
         try:
             try:
                 ctx.resources = await self.resolve_resources(rollout.resources_id)
-                inv = self.build_invocation(ar, ctx.resources)
+                inv = self.build_invocation(ar, ctx.resources, await self.default_llm(ctx.resources))
             except Exception as exc:
                 logger.warning("rollout %s: resources unavailable: %r", rid, exc)
                 outcome.status, outcome.error = AttemptStatus.failed, attempt_error(exc, FailureKind.agent_exception)

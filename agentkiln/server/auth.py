@@ -118,9 +118,11 @@ _ADMIN_ONLY = [
     ]
 ]
 _ATTEMPT_GATEWAY = re.compile(
-    rf"^/rollout/(?P<rollout_id>{_ID})/attempt/(?P<attempt_id>{_ID})(?:/agent/{_ID})?/v1/(?:chat/completions|responses|models)$"
+    rf"^/rollout/(?P<rollout_id>{_ID})/attempt/(?P<attempt_id>{_ID})(?:/agent/{_ID})?/v1/"
+    r"(?:chat/completions|responses(?:/[^/]+(?:/input_items)?)?|models)$"
 )
-_PLAIN_GATEWAY = re.compile(r"^/v1/(?:chat/completions|responses|models)$")
+# Stored responses are served to an attempt token only when its own attempt made them (gateway/responses/state.py).
+_PLAIN_GATEWAY = re.compile(r"^/v1/(?:chat/completions|responses(?:/[^/]+(?:/input_items)?)?|models)$")
 _SPAN_WRITES = {("POST", API_PREFIX + "/spans"), ("POST", OTLP_TRACES_PATH)}
 
 

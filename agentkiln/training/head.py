@@ -16,6 +16,8 @@ is kept and the backward recomputes each slice instead (one more matmul, O(N x s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 VOCAB_SLICE = 2048  # [tokens, slice] fp32 logits of a few hundred tokens fit in L2/L3
@@ -95,3 +97,26 @@ def chosen_logprobs(
     keep = needs_grad and hidden.shape[0] <= max_kept
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # fp64 for gradcheck
     return _ChosenLogprob.apply(hidden.to(dtype), weight.to(dtype), targets, float(temperature), keep)
+
+
+def per_temperature(
+    fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    temperatures: torch.Tensor,
+) -> torch.Tensor:
+    """`fn(hidden, targets, t)` for the rows of each distinct temperature, back in row order.
+
+    Each recorded call was sampled under its own temperature (the agent's setting), so its
+    log-probs are taken under that one; a batch mixes a few values, one pass each.
+    """
+    values = torch.unique(temperatures)
+    if values.numel() == 1:
+        return fn(hidden, targets, float(values[0]))
+    order, parts = [], []
+    for t in values.tolist():
+        idx = (temperatures == t).nonzero().squeeze(1)
+        order.append(idx)
+        parts.append(fn(hidden[idx], targets[idx], t))
+    inverse = torch.argsort(torch.cat(order))
+    return torch.cat(parts)[inverse]

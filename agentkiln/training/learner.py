@@ -38,12 +38,13 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from agentkiln.engine.limits import GREEDY_BELOW_TEMPERATURE
 from agentkiln.hardware import bf16_is_fast
 from agentkiln.models import Transition
 from agentkiln.training import packing
 from agentkiln.training.config import LearnerConfig
 from agentkiln.training.device import amp_dtype, autocast, resolve_device
-from agentkiln.training.head import chosen_logprobs
+from agentkiln.training.head import chosen_logprobs, per_temperature
 from agentkiln.training.packing import LAYOUT_KWARG, Batch, Item
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,17 @@ def _head_logprobs(
         logits = logits / temperature
     picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _logprob_temperature(sampled: float | None) -> float | None:
+    """The temperature the engine recorded a call's log-probs under (greedy calls: log_softmax at 1).
+
+    top_p is not applied here: the engine records each token's log-prob before nucleus truncation
+    (engine/embedded/sampler.py), and the learner takes the same quantity, so the ratio starts at 1.
+    """
+    if sampled is None:
+        return None
+    return 1.0 if sampled < GREEDY_BELOW_TEMPERATURE else float(sampled)
 
 
 class Learner:
@@ -173,16 +185,24 @@ class Learner:
                 hidden = self._shared_prefix_hidden(decoder, batch)
         picked = hidden[batch.rows, batch.positions]
         t = self.loss.temperature
+        temps = batch.temperatures if getattr(self.loss, "per_call_temperature", False) else None
+        if temps is None:
+            return self._output_logprobs(head, picked, batch.targets, t)
+        # Each call under the temperature it was sampled with; calls that recorded none: the config's.
+        temps = torch.nan_to_num(temps.to(picked.device), nan=t)
+        return per_temperature(lambda h, y, tt: self._output_logprobs(head, h, y, tt), picked, batch.targets, temps)
+
+    def _output_logprobs(
+        self, head: torch.nn.Module, picked: torch.Tensor, targets: torch.Tensor, t: float
+    ) -> torch.Tensor:
         if isinstance(head, torch.nn.Linear) and head.bias is None:
             with autocast(self.device, enabled=False):
-                return chosen_logprobs(picked, head.weight, batch.targets, t, max_kept=self.config.logits_chunk)
+                return chosen_logprobs(picked, head.weight, targets, t, max_kept=self.config.logits_chunk)
         n, chunk = picked.shape[0], max(1, self.config.logits_chunk)
         if n <= chunk:
-            return _head_logprobs(head, picked, batch.targets, t)
+            return _head_logprobs(head, picked, targets, t)
         parts = [
-            checkpoint(
-                _head_logprobs, head, picked[i : i + chunk], batch.targets[i : i + chunk], t, use_reentrant=False
-            )
+            checkpoint(_head_logprobs, head, picked[i : i + chunk], targets[i : i + chunk], t, use_reentrant=False)
             for i in range(0, n, chunk)
         ]
         return torch.cat(parts)
@@ -257,6 +277,7 @@ class Learner:
             old_logprobs=[float(x) for x in t.logprobs],
             mask=[float(m) for m in mask],
             advantage=float(t.advantage),
+            temperature=_logprob_temperature(t.temperature),
         )
 
     def _micro_batches(self, items: Sequence[Item]) -> list[list[int]]:

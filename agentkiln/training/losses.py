@@ -79,6 +79,8 @@ class GRPOObjective:
     epochs, skip_zero_advantage, temperature), so they are declared once, there.
     """
 
+    per_call_temperature = True  # log-probs under each call's recorded temperature (config's: fallback)
+
     def __init__(self, config: Any) -> None:
         self.config = config
 
@@ -123,6 +125,9 @@ class GRPOObjective:
                 sums["ratio"] += float((t.ratio * m).sum())
                 sums["approx_kl_old"] += float((0.5 * t.log_ratio**2 * m).sum())
                 sums["counted"] += float(m.sum())
+                if bool((m > 0).any()):  # the worst trained token: 0 on an on-policy first step
+                    dev = float(((t.ratio - 1.0).abs() * (m > 0)).max())
+                    sums["ratio_dev_max"] = max(sums.get("ratio_dev_max", 0.0), dev)
             return t.loss
 
         steps, grad_norm, forwarded = 0, 0.0, 0
@@ -138,6 +143,7 @@ class GRPOObjective:
             clip_frac=sums["clip"] / denom,
             ratio_mean=sums["ratio"] / denom,
             approx_kl_old=sums["approx_kl_old"] / denom,
+            ratio_dev_max=sums.get("ratio_dev_max", 0.0),
             grad_norm=grad_norm,
             optimizer_steps=float(steps),
             forwarded_tokens=float(forwarded),
@@ -153,6 +159,7 @@ class SFTObjective:
     temperature 1: imitation maximises the plain likelihood."""
 
     temperature = 1.0
+    per_call_temperature = False
     needs_reference = False
 
     def __init__(self, config: Any) -> None:

@@ -257,6 +257,7 @@ class Item:
     old_logprobs: list[float]
     mask: list[float]
     advantage: float
+    temperature: float | None = None  # the log-prob temperature of its call (None: the objective's)
 
 
 @dataclass
@@ -274,6 +275,7 @@ class Batch:
     prefix_ids: torch.Tensor | None = None  # [1, P] prompt shared by every row; input_ids then hold responses
     layout: TreeLayout | None = None  # tree-packed: input_ids etc. live in the layout, rows are all 0
     items: Sequence[Item] = ()  # what it was built from (to fall back to a padded layout)
+    temperatures: torch.Tensor | None = None  # [N] per-token call temperature, NaN: not recorded (None: none was)
 
     def to(self, device: torch.device) -> Batch:
         batch = _moved(self, device)
@@ -330,7 +332,13 @@ def _batch(
         mask.extend(it.mask)
         adv.extend([it.advantage] * n)
         lengths.append(n)
+    temps = None
+    if any(it.temperature is not None for it in items):
+        nan = float("nan")
+        per_token = [it.temperature if it.temperature is not None else nan for it in items]
+        temps = torch.tensor([t for t, n in zip(per_token, lengths) for _ in range(n)], dtype=torch.float32)
     return Batch(
+        temperatures=temps,
         input_ids=input_ids,
         attention_mask=attention,
         rows=torch.tensor(rows, dtype=torch.long),

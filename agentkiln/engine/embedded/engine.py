@@ -36,6 +36,7 @@ from agentkiln.engine.embedded.scheduler import EngineStats, Scheduler
 from agentkiln.engine.embedded.sequence import SeqOutput, Sequence
 from agentkiln.engine.embedded.weights import WeightSets
 from agentkiln.engine.errors import EngineRequestError
+from agentkiln.engine.limits import unlimited_cap
 from agentkiln.engine.model_files import load_model, load_tokenizer
 from agentkiln.hardware import resolve_dtype
 
@@ -278,7 +279,7 @@ class TransformersEngine(Engine):
         stop = [s for s in request.stop if s]
         return Sequence(
             prompt_ids=list(prompt_ids),
-            max_tokens=min(request.max_tokens, self.max_context - len(prompt_ids)),
+            max_tokens=min(request.max_tokens or unlimited_cap(request.n), self.max_context - len(prompt_ids)),
             temperature=request.temperature,
             top_p=request.top_p,
             stop=StopStringMatcher(self.tokenizer, stop) if stop else None,

@@ -86,13 +86,14 @@ class UpstreamEngine(Engine):
         body: dict[str, Any] = {
             "model": self.agent_models.get(request.agent or "") or request.model or self.model_name,
             "messages": request.messages,
-            "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "n": request.n,
             "logprobs": True,
             "return_token_ids": True,  # vLLM extension; other servers ignore unknown fields
         }
+        if request.max_tokens is not None:  # none: the server generates until a stop or its context limit
+            body["max_tokens"] = request.max_tokens
         if request.tools:
             body["tools"] = request.tools
         if request.tool_choice is not None:

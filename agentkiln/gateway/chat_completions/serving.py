@@ -29,7 +29,7 @@ from agentkiln.gateway.wire import now_s
 class ChatCompletionsServing(Serving):
     async def __call__(self, request: Request) -> Response:
         body = await validated_body(request, ChatCompletionRequest)
-        engine_req = chat_request_to_engine(body, self.deps.default_max_tokens)
+        engine_req = chat_request_to_engine(body, self.default_max_tokens(request))
         call_id, created = new_chat_id(), now_s()
         call = await GatewayCall.start(request, self.deps, body, engine_req, api="chat.completions", call_id=call_id)
         want_lp, want_ids = bool(body.logprobs), bool(body.return_token_ids)

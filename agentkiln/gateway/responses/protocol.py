@@ -34,6 +34,7 @@ class ResponsesRequest(wire.Tolerant):
     user: Optional[str] = None
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     text: Optional[dict[str, Any]] = Field(default=None, description="text.format: text / json_object / json_schema")
+    store: Optional[bool] = None  # None: stored, as in OpenAI (see responses/state.py)
 
 
 class _InputMessage(wire.Tolerant):
@@ -74,15 +75,15 @@ def _validate_item(model: type[BaseModel], item: dict[str, Any], where: str) -> 
         raise err from None
 
 
-def _responses_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+def _responses_messages(req: ResponsesRequest, prior: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+    """Chat messages of the instructions, the `prior` conversation items (previous_response_id), then `input`."""
     msgs: list[dict[str, Any]] = []
     if req.instructions:
         msgs.append({"role": "system", "content": req.instructions})
-    if isinstance(req.input, str):
-        msgs.append({"role": "user", "content": req.input})
-        return msgs
-    for i, item in enumerate(req.input):
-        where = f"input.{i}"
+    own = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
+    items = [(f"previous_response_id.{i}", it) for i, it in enumerate(prior or [])]
+    items += [(f"input.{i}", it) for i, it in enumerate(own)]
+    for where, item in items:
         kind = item.get("type", "message")
         if kind == "message":
             m = _validate_item(_InputMessage, item, where)
@@ -133,14 +134,10 @@ def _responses_tool_choice(choice: Union[str, dict[str, Any], None]) -> Any:
     raise invalid("Unsupported tool_choice (use 'auto', 'none', 'required' or a function)", "tool_choice")
 
 
-def responses_request_to_engine(req: ResponsesRequest, default_max_tokens: Optional[int] = None) -> ChatRequest:
-    if req.previous_response_id:
-        raise invalid(
-            "previous_response_id is not supported: the gateway stores no conversation state; "
-            "send the full input each call",
-            "previous_response_id",
-            "unsupported_parameter",
-        )
+def responses_request_to_engine(
+    req: ResponsesRequest, default_max_tokens: Optional[int] = None, prior: Optional[list[dict[str, Any]]] = None
+) -> ChatRequest:
+    """`prior`: the conversation `previous_response_id` names (its items come before `input`)."""
     if req.conversation is not None:
         raise invalid("'conversation' is not supported; send the full input each call", "conversation")
     tools = _responses_tools(req)
@@ -149,7 +146,7 @@ def responses_request_to_engine(req: ResponsesRequest, default_max_tokens: Optio
         raise invalid("'tool_choice' needs 'tools'", "tool_choice")
     max_tokens = req.max_output_tokens or default_max_tokens
     limits.check_generation(1, max_tokens, param="max_output_tokens")
-    messages = _responses_messages(req)
+    messages = _responses_messages(req, prior)
     limits.check_prompt_size(messages, tools, "input")
     return wire.engine_request(
         max_tokens,
@@ -244,9 +241,9 @@ def response_object(
         "model": model,
         "output": output,
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
-        "previous_response_id": None,
+        "previous_response_id": req.previous_response_id,
         "reasoning": {"effort": None, "summary": None},
-        "store": False,
+        "store": req.store is not False,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
         "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",

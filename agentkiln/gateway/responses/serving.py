@@ -21,22 +21,35 @@ from agentkiln.gateway.responses.protocol import (
     response_from_result,
     responses_request_to_engine,
 )
+from agentkiln.gateway.responses.state import ResponseStates, caller_owner, request_items, with_ids
 from agentkiln.gateway.wire import now_s
 
 
 class ResponsesServing(Serving):
+    def __init__(self, deps: Any, states: Optional[ResponseStates] = None) -> None:
+        super().__init__(deps)
+        self.states = states if states is not None else ResponseStates()
+
     async def __call__(self, request: Request) -> Response:
         body = await validated_body(request, ResponsesRequest)
-        engine_req = responses_request_to_engine(body, self.deps.default_max_tokens)
+        prior: list[dict[str, Any]] = []
+        if body.previous_response_id:  # 404 unless stored (and, for an attempt token, its own)
+            rec = self.states.get(body.previous_response_id, caller_owner(request), "previous_response_id")
+            prior = rec.conversation
+        engine_req = responses_request_to_engine(body, self.default_max_tokens(request), prior)
         response_id, created = new_response_id(), now_s()
         call = await GatewayCall.start(request, self.deps, body, engine_req, api="responses", call_id=response_id)
 
         async def finish(result: ChatResult, msg_id: Optional[str] = None) -> dict[str, Any]:
-            """The response body, built once for the client and the span."""
+            """The response body, built once for the client, the span and the conversation state."""
             final = response_from_result(
                 body, result, response_id=response_id, created_at=created, token_text=call.token_text, msg_id=msg_id
             )
             await call.record(result, lambda i: final)
+            if body.store is not False:
+                own = with_ids(request_items(body.input))
+                owner = (call.target.rollout_id, call.target.attempt_id)
+                self.states.put(final, own, [*prior, *own, *final["output"]], owner)
             return final
 
         if not body.stream:

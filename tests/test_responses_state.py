@@ -1,0 +1,118 @@
+"""Responses API conversation state through the real openai SDK: store, previous_response_id, retrieve/delete/input items."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from agentkiln.gateway.errors import GatewayError
+from agentkiln.gateway.responses.state import ResponseStates
+from agentkiln.store.memory import InMemoryStore
+from tests.gateway_fakes import ScriptedEngine, ServedApp, gateway_app, tool_call_text
+
+TOOLS = [
+    {
+        "type": "function",
+        "name": "add",
+        "description": "Add two numbers",
+        "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+    }
+]
+
+
+@pytest.fixture
+def env():
+    store = InMemoryStore(sweep_interval_s=None)
+    engine = ScriptedEngine([tool_call_text("add", {"a": 2, "b": 3}), "2 + 3 is 5.", "You are welcome."])
+    with ServedApp(gateway_app(store, engine)) as served:
+        ar = served.call(store.start_rollout({"task": "t"}))
+        served.attempt_url = f"{served.url}/rollout/{ar.rollout.rollout_id}/attempt/{ar.attempt.attempt_id}/v1"
+        served.engine = engine
+        yield served
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="k", max_retries=0)
+
+
+@pytest.mark.parametrize("prefix", ["plain", "attempt"])
+def test_three_turn_conversation_with_a_tool_call(env, prefix):
+    c = client(f"{env.url}/v1" if prefix == "plain" else env.attempt_url)
+    r1 = c.responses.create(model="m", instructions="Be brief.", input="What is 2+3?", tools=TOOLS)
+    (call,) = [it for it in r1.output if it.type == "function_call"]
+    assert r1.store is True and call.name == "add"
+    r2 = c.responses.create(
+        model="m",
+        previous_response_id=r1.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "5"}],
+        tools=TOOLS,
+    )
+    assert r2.previous_response_id == r1.id and r2.output_text == "2 + 3 is 5."
+    r3 = c.responses.create(model="m", previous_response_id=r2.id, input="Thanks!")
+    assert r3.output_text == "You are welcome."
+
+    third = env.engine.requests[-1].messages
+    assert [m["role"] for m in third] == ["user", "assistant", "tool", "assistant", "user"]  # no instructions
+    assert third[0]["content"] == "What is 2+3?"
+    assert third[1]["tool_calls"][0]["function"]["name"] == "add"
+    assert third[1]["tool_calls"][0]["id"] == call.call_id
+    assert third[2] == {"role": "tool", "tool_call_id": call.call_id, "content": "5"}
+    assert third[3]["content"] == "2 + 3 is 5." and third[4]["content"] == "Thanks!"
+    assert env.engine.requests[0].messages[0] == {"role": "system", "content": "Be brief."}
+
+    got = c.responses.retrieve(r2.id)
+    assert got.id == r2.id and got.output_text == "2 + 3 is 5."
+    items = c.responses.input_items.list(r2.id, order="asc")
+    assert [it.type for it in items.data] == ["function_call_output"]
+    assert [it.type for it in c.responses.input_items.list(r1.id).data] == ["message"]
+    assert all(it.id for it in c.responses.input_items.list(r3.id).data)
+
+    c.responses.delete(r2.id)
+    with pytest.raises(openai.NotFoundError) as exc:
+        c.responses.retrieve(r2.id)
+    assert exc.value.body["code"] == "response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="m", previous_response_id=r2.id, input="again")
+
+
+def test_unknown_and_unstored_ids_are_404_in_openai_shape(env):
+    c = client(f"{env.url}/v1")
+    with pytest.raises(openai.NotFoundError) as exc:
+        c.responses.retrieve("resp_nope")
+    assert exc.value.body["type"] == "invalid_request_error" and "resp_nope" in exc.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        c.responses.input_items.list("resp_nope")
+    with pytest.raises(openai.NotFoundError):
+        c.responses.delete("resp_nope")
+    r = c.responses.create(model="m", input="hi", store=False)
+    assert r.store is False
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError) as exc:
+        c.responses.create(model="m", input="hi", previous_response_id=r.id)
+    assert exc.value.body["param"] == "previous_response_id"
+
+
+def test_streamed_response_is_stored_and_continued(env):
+    c = client(f"{env.url}/v1")
+    env.engine._script = ["first answer", "second answer"]
+    env.engine._next = 0
+    with c.responses.stream(model="m", input="one") as s:
+        r1 = s.get_final_response()
+    r2 = c.responses.create(model="m", input="two", previous_response_id=r1.id)
+    assert r2.output_text == "second answer"
+    assert [m["content"] for m in env.engine.requests[-1].messages] == ["one", "first answer", "two"]
+
+
+def test_states_are_bounded_by_bytes_and_age():
+    states = ResponseStates(max_bytes=2_000, max_age_s=60.0)
+    for i in range(50):
+        states.put({"id": f"r{i}", "output": ["x" * 50]}, [], [])
+    assert states.bytes <= 2_000 and len(states) < 50
+    states.get("r49")
+    with pytest.raises(GatewayError):
+        states.get("r0")
+    aged = ResponseStates(max_age_s=0.0)
+    aged.put({"id": "old"}, [], [])
+    with pytest.raises(GatewayError):
+        aged.get("old")
