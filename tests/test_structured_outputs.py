@@ -15,6 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import torch
 
 from agentkiln.engine.embedded import TransformersEngine
 from agentkiln.engine.model_files import tiny_model_dir
@@ -108,6 +109,21 @@ def test_json_schema_chat_completion(env):
     assert choice.finish_reason == "stop"
     jsonschema.validate(json.loads(choice.message.content), PERSON)
     assert_recorded(env, before, choice.message.content)
+
+
+def test_recorded_logprobs_are_the_models_own(env):
+    """Sampled under the mask, recorded unmasked: what the learner recomputes from prompt + response."""
+    before = spans_now(env)
+    env.client.chat.completions.create(
+        model="tiny", messages=USER, response_format=PERSON_FORMAT, max_tokens=80, seed=1, temperature=0.7
+    )
+    call = last_call(env, before + 1)
+    ids = torch.tensor([call.prompt_ids + call.response_ids])
+    with torch.inference_mode():
+        logits = env.engine._model(ids).logits[0, len(call.prompt_ids) - 1 : -1].float() / 0.7
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(call.response_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(call.logprobs), expected, atol=1e-4)
+    assert expected[0] < -1.0  # the forced "{" is unlikely for the model itself (masked it would be 0)
 
 
 def test_json_schema_streamed(env):

@@ -5,7 +5,12 @@ becomes an xgrammar CompiledGrammar, compiled once per distinct grammar text (bo
 on the render thread, never on the event loop. Each constrained sequence gets its own
 GrammarMatcher; the scheduler masks that sequence's logits with the matcher's token bitmask
 before sampling and advances the matcher with the sampled token. Sequences without a grammar pay
-nothing. When the grammar is complete only the stop tokens stay allowed, so the sequence ends.
+nothing. When the grammar is complete the sequence ends.
+
+Logprobs: the token is sampled from the masked, renormalised distribution, but the recorded
+logprob is the model's own (unmasked, temperature-scaled; sampler.recorded_logprob), the quantity
+the learner recomputes, so GRPO's ratio starts at 1 as for top-p. Spans of constrained calls carry
+`kiln.llm.constrained = true`, so a consumer can tell the sampling distribution was narrower.
 
 Forced tool calls use the Hermes markup the chat templates parse:
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, arguments following the tool's

@@ -37,6 +37,17 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     return tok, float(logp[tok])
 
 
+def recorded_logprob(logits: torch.Tensor, tok: int, temperature: float) -> float:
+    """The logprob `sample` records for `tok` (see module doc), for a token sampled from other logits.
+
+    Constrained decoding samples from grammar-masked logits but records this value of the model's
+    own logits: the mask, like top-p, only renormalises the kept mass, and the learner recomputes
+    the unmasked quantity, so its ratio starts at 1.
+    """
+    scaled = logits if temperature < GREEDY_BELOW_TEMPERATURE else logits / temperature
+    return float(torch.log_softmax(scaled, dim=-1)[tok])
+
+
 def find_stop_ids(tokenizer: Any, generation_config: Any) -> set[int]:
     """Token ids that end a sequence: ChatML's end markers (when the vocab has them) and the model's EOS."""
     ids = set()

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from agentkiln.engine.embedded import kv_ops
 from agentkiln.engine.embedded.prefix_cache import PrefixCache, PrefixHit, Scope, common_prefix_length
-from agentkiln.engine.embedded.sampler import sample
+from agentkiln.engine.embedded.sampler import recorded_logprob, sample
 from agentkiln.engine.embedded.sequence import SeqOutput, Sequence
 from agentkiln.engine.embedded.weights import WeightSet, WeightSets
 from agentkiln.engine.errors import EngineError, EngineUnavailable
@@ -376,14 +376,16 @@ class Scheduler:
     def _advance(self, seq: Sequence, logits: torch.Tensor, version: str) -> None:
         """Sample one token for `seq`, decide whether it finished, and tell its caller.
 
-        A constrained sequence samples from its grammar-masked logits, so its logprob is under the
-        masked, renormalised distribution (see engine.embedded.grammar); it ends when the grammar does.
+        A constrained sequence samples from its grammar-masked logits but records the logprob of
+        the model's own logits (sampler.recorded_logprob); it ends when its grammar is complete.
         """
-        if seq.grammar is not None:
-            logits = seq.grammar.mask(logits)
-        tok, logprob = sample(logits, seq.temperature, seq.top_p, seq.generator)
-        if seq.grammar is not None and tok not in self.stop_ids:
-            seq.grammar.accept(tok)
+        if seq.grammar is None:
+            tok, logprob = sample(logits, seq.temperature, seq.top_p, seq.generator)
+        else:
+            tok, _ = sample(seq.grammar.mask(logits), seq.temperature, seq.top_p, seq.generator)
+            logprob = recorded_logprob(logits, tok, seq.temperature)
+            if tok not in self.stop_ids:
+                seq.grammar.accept(tok)
         seq.ids.append(tok)
         seq.logprobs.append(logprob)
         self.stats.tokens += 1
