@@ -30,7 +30,7 @@ PERSON = {
     "type": "object",
     "properties": {
         "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
         "member": {"type": "boolean"},
     },
     "required": ["name", "age", "member"],
@@ -39,7 +39,10 @@ PERSON = {
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 WEATHER = {
     "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer"}},
+    "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    },
     "required": ["city", "days"],
     "additionalProperties": False,
 }
