@@ -116,3 +116,21 @@ def test_states_are_bounded_by_bytes_and_age():
     aged.put({"id": "old"}, [], [])
     with pytest.raises(GatewayError):
         aged.get("old")
+
+
+def test_attempt_tokens_reach_only_their_own_stored_responses():
+    from agentkiln.protocol import Principal, Role
+    from agentkiln.server.auth import allowed
+
+    me = Principal(Role.attempt, rollout_id="r1", attempt_id="a1")
+    for path in ("/v1/responses/resp_1", "/v1/responses/resp_1/input_items"):
+        assert allowed(me, "GET", path) and allowed(me, "DELETE", path)
+    assert allowed(me, "GET", "/rollout/r1/attempt/a1/v1/responses/resp_1/input_items")
+    assert not allowed(me, "GET", "/rollout/r2/attempt/a2/v1/responses/resp_1")
+    states = ResponseStates()
+    states.put({"id": "resp_1"}, [], [], owner=("r1", "a1"))
+    assert states.get("resp_1", ("r1", "a1")).response["id"] == "resp_1"
+    with pytest.raises(GatewayError) as exc:
+        states.get("resp_1", ("r2", "a2"))  # another attempt's token: as if it did not exist
+    assert exc.value.status_code == 404
+    assert states.get("resp_1").response["id"] == "resp_1"  # admin / runner / keyless server
