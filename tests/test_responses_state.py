@@ -134,3 +134,39 @@ def test_attempt_tokens_reach_only_their_own_stored_responses():
         states.get("resp_1", ("r2", "a2"))  # another attempt's token: as if it did not exist
     assert exc.value.status_code == 404
     assert states.get("resp_1").response["id"] == "resp_1"  # admin / runner / keyless server
+
+
+async def test_agents_sdk_conversation_continued_by_previous_response_id():
+    """The OpenAI Agents SDK, unmodified: a second `Runner.run` continues the first by `previous_response_id`."""
+    from agents import Agent, OpenAIProvider, RunConfig, Runner, function_tool
+
+    @function_tool
+    def calculate(expression: str) -> str:
+        """Evaluate an arithmetic expression."""
+        return "391"
+
+    def policy(req):
+        last = req.messages[-1]
+        if last["role"] == "tool":
+            return f"The answer is {last['content']}."
+        if "again" in str(last.get("content")):
+            return "Still 391."
+        return tool_call_text("calculate", {"expression": "17 * 23"})
+
+    engine = ScriptedEngine(policy)
+    with ServedApp(gateway_app(InMemoryStore(sweep_interval_s=None), engine)) as served:
+        client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="k", max_retries=0)
+        config = RunConfig(
+            model_provider=OpenAIProvider(openai_client=client, use_responses=True), tracing_disabled=True
+        )
+        solver = Agent(name="solver", instructions="Use the calculator.", tools=[calculate], model="m")
+        first = await Runner.run(solver, "What is 17 * 23?", run_config=config)
+        assert first.final_output == "The answer is 391." and first.last_response_id
+        second = await Runner.run(
+            solver, "Say it again.", run_config=config, previous_response_id=first.last_response_id
+        )
+        assert second.final_output == "Still 391."
+        await client.close()
+    roles = [m["role"] for m in engine.requests[-1].messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant", "user"], roles
+    assert engine.requests[-1].messages[1]["content"] == "What is 17 * 23?"
