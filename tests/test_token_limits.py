@@ -72,3 +72,18 @@ def test_embedded_engine_generates_to_the_context_limit(tmp_path):
     assert seq.max_tokens == engine.max_context - len(prompt) > 256
     seq = engine._make_seq(ChatRequest(messages=[], max_tokens=5), prompt, 0, (lambda *a: None, lambda *a: None))
     assert seq.max_tokens == 5
+
+
+async def test_agents_sdk_long_answer_without_a_limit_is_complete():
+    """The Agents SDK sets no max_output_tokens by default; a long answer used to come back `incomplete`."""
+    from agents import Agent, OpenAIProvider, RunConfig, Runner
+
+    with ServedApp(gateway_app(InMemoryStore(sweep_interval_s=None), ScriptedEngine([LONG]))) as served:
+        client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="k", max_retries=0)
+        config = RunConfig(
+            model_provider=OpenAIProvider(openai_client=client, use_responses=True), tracing_disabled=True
+        )
+        result = await Runner.run(Agent(name="writer", instructions="Write.", model="m"), "Write.", run_config=config)
+        await client.close()
+    assert result.final_output == LONG
+    assert all(r.usage.output_tokens == len(LONG) for r in result.raw_responses)
