@@ -59,6 +59,9 @@ def _as_run_here(line: str, port: int, tmp: Path) -> list[str]:
     assert argv[0] == "kiln"
     if argv[1] == "serve":
         argv += ["--port", str(port)]  # the README's default port may be taken on a test machine
+        # The tiny random model never stops on its own: a server cap keeps each call short (the
+        # README's real model stops at its end token).
+        argv += ["--max-tokens-default", "32"]
     return [KILN, *argv[1:]]
 
 
@@ -125,7 +128,7 @@ def _attempts(url: str, rollout_id: str) -> list[dict]:
     return httpx.get(f"{url}/api/v1/rollouts/{rollout_id}/attempts", timeout=30).json()
 
 
-@pytest.mark.slow  # minutes on a shared CPU: the tiny random model, given no token limit, fills its 2,048-token context
+@pytest.mark.slow  # several processes (server, dev, runners, example) starting the tiny engine
 @pytest.mark.timeout(600)
 def test_readme_serve_run_dev_on_a_fresh_store(served):
     url, port, tmp, env = served
