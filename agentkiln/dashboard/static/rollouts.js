@@ -4,6 +4,7 @@
   const form = document.getElementById("filters");
   const LIMIT = 50;
   let offset = 0;
+  let latest = 0; // the newest request: an older answer arriving after it must not overwrite the table
 
   // The URL holds the filters, so a filtered table can be linked to (the overview links failure kinds here).
   for (const [k, v] of new URLSearchParams(location.search)) {
@@ -18,10 +19,12 @@
   }
 
   async function load() {
+    const mine = ++latest;
     const q = query();
     history.replaceState(null, "", "/rollouts?" + q.toString() + (offset ? "&offset=" + offset : ""));
     q.set("limit", LIMIT); q.set("offset", offset);
     const page = await api("/api/v1/dashboard/rollouts?" + q.toString());
+    if (mine !== latest) return; // a newer filter was asked for while this one was on its way
     const node = document.getElementById("rollouts");
     table(node, ["rollout", "status", "mode", "failure", "reward", "version", "attempts", "created", "duration", "input"],
       page.rows.map((r) => [
