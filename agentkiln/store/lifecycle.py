@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from agentkiln.models import (
     RolloutConfig,
     RolloutMode,
     RolloutStatus,
+    Span,
     SpanIn,
     Worker,
     WorkerStatus,
@@ -235,6 +237,38 @@ def check_accepts_new_spans(attempt: Attempt) -> None:
             f"attempt {attempt.attempt_id} of rollout {attempt.rollout_id} is already {attempt.status.value}; "
             "it takes no new spans"
         )
+
+
+def place_spans(
+    records: Sequence[dict[str, Any]],
+    known: dict[tuple[str, str, str], Span],
+    owners: dict[tuple[str, str], tuple[Rollout | None, Attempt, int]],
+) -> tuple[list[Span], list[tuple[int, dict[str, Any], int, int]]]:
+    """Number a batch of span records the way every database backend stores them.
+
+    `known` holds the spans already stored by (rollout_id, attempt_id, span_id); `owners` each
+    owner attempt's (rollout, attempt, last sequence id), advanced here. Returns every span as it
+    is (re-sent ones as first stored) and, for each new one, (index in `records`, record, attempt
+    sequence id, span sequence id) to insert. Raises before anything is placed if a new span's
+    attempt is finished.
+    """
+    out: list[Span] = []
+    fresh: list[tuple[int, dict[str, Any], int, int]] = []
+    for i, rec in enumerate(records):
+        span_key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
+        span = known.get(span_key)
+        if span is not None:  # re-sent, or repeated in this batch
+            out.append(span.model_copy(deep=True))
+            continue
+        rollout, attempt, last = owners[span_key[:2]]
+        check_accepts_new_spans(attempt)  # before anything of the batch is written
+        owners[span_key[:2]] = (rollout, attempt, last + 1)
+        span = known[span_key] = Span.model_validate({**rec, "sequence_id": last + 1})
+        out.append(span)
+        fresh.append((i, rec, attempt.sequence_id, last + 1))
+    if len(fresh) < len(records):
+        log.info("ignoring %d re-sent span(s)", len(records) - len(fresh))
+    return out, fresh
 
 
 def record_activity(rollout: Rollout | None, attempt: Attempt, is_latest: bool, now: float) -> Change:

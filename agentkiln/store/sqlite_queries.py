@@ -176,21 +176,8 @@ def insert_spans(conn: sqlite3.Connection, records: list[dict[str, Any]], attrib
         for key, span_ids in (wanted.items() if maybe_stored else ())
         for span_id, span in stored_spans(conn, *key, span_ids).items()
     }
-    out, rows = [], []
-    for rec, text in zip(records, attributes_json):
-        span_key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
-        span = known.get(span_key)
-        if span is not None:  # re-sent, or repeated in this batch
-            out.append(span.model_copy(deep=True))
-            continue
-        rollout, attempt, last = owners[span_key[:2]]
-        lifecycle.check_accepts_new_spans(attempt)  # before anything of the batch is written
-        owners[span_key[:2]] = (rollout, attempt, last + 1)
-        span = known[span_key] = Span.model_validate({**rec, "sequence_id": last + 1})
-        out.append(span)
-        rows.append(span_values(rec, attempt.sequence_id, last + 1, text))
-    if len(rows) < len(records):
-        log.info("ignoring %d re-sent span(s)", len(records) - len(rows))
+    out, fresh = lifecycle.place_spans(records, known, owners)
+    rows = [span_values(rec, attempt_seq, seq, attributes_json[i]) for i, rec, attempt_seq, seq in fresh]
     conn.executemany(f"INSERT INTO spans ({S_INSERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
     now = wall_now()
     for rollout, attempt, _ in owners.values():

@@ -161,21 +161,8 @@ async def insert_spans(conn: Conn, records: list[dict[str, Any]], attributes_jso
     for key, cur in zip(keys, stored_rows):
         for span in map(span_from_row, await cur.fetchall()):
             known[(*key, span.span_id)] = span
-    out, rows = [], []
-    for rec, text in zip(records, attributes_json):
-        span_key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
-        span = known.get(span_key)
-        if span is not None:  # re-sent, or repeated in this batch
-            out.append(span.model_copy(deep=True))
-            continue
-        rollout, attempt, last = owners[span_key[:2]]
-        lifecycle.check_accepts_new_spans(attempt)  # before anything of the batch is written
-        owners[span_key[:2]] = (rollout, attempt, last + 1)
-        span = known[span_key] = Span.model_validate({**rec, "sequence_id": last + 1})
-        out.append(span)
-        rows.append(span_values(rec, attempt.sequence_id, last + 1, text))
-    if len(rows) < len(records):
-        log.info("ignoring %d re-sent span(s)", len(records) - len(rows))
+    out, fresh = lifecycle.place_spans(records, known, owners)
+    rows = [span_values(rec, attempt_seq, seq, attributes_json[i]) for i, rec, attempt_seq, seq in fresh]
     if rows:
         async with conn.cursor() as cur:
             await cur.executemany(S_INSERT, rows)
