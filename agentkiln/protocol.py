@@ -53,6 +53,11 @@ def api_url(server: str, path: str = "") -> str:
     return server.rstrip("/") + API_PREFIX + path
 
 
+def auth_headers(credential: Optional[str]) -> dict[str, str]:
+    """The header a client sends its key or attempt token in (none without one)."""
+    return {"Authorization": f"Bearer {credential}"} if credential else {}
+
+
 def attempt_base_url(server: str, rollout_id: str, attempt_id: str, agent: Optional[str] = None) -> str:
     """The OpenAI base URL an agent uses for one attempt (its calls are recorded on that attempt)."""
     root = f"{server.rstrip('/')}/rollout/{rollout_id}/attempt/{attempt_id}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, NoReturn
 
+from agentkiln.protocol import auth_headers
+
 logger = logging.getLogger(__name__)
 
 _HOW_TO_FIX = (
@@ -49,7 +51,7 @@ async def server_model(gateway_url: str, api_key: str | None, timeout_s: float =
     import httpx
 
     url = gateway_url.rstrip("/") + "/v1/models"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(api_key)
     try:
         async with httpx.AsyncClient(timeout=timeout_s) as client:
             response = await client.get(url, headers=headers)

@@ -16,7 +16,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
-from agentkiln.protocol import OTLP_TRACES_PATH, SpanAttrs
+from agentkiln.protocol import OTLP_TRACES_PATH, SpanAttrs, auth_headers
 from agentkiln.runner import context
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class _OnlyKilnSpans(SpanExporter):
 def otlp_exporter(server_url: str, api_key: str | None = None) -> SpanExporter:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    headers = auth_headers(api_key) or None
     return OTLPSpanExporter(endpoint=server_url.rstrip("/") + OTLP_TRACES_PATH, headers=headers)
 
 

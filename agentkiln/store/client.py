@@ -38,7 +38,7 @@ from agentkiln.models import (
     Worker,
     WorkerStatus,
 )
-from agentkiln.protocol import API_PREFIX, Headers
+from agentkiln.protocol import API_PREFIX, Headers, auth_headers
 from agentkiln.store.base import InvalidTransitionError, NotFoundError, Store, StoreError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class HttpStore(Store):
     ) -> None:
         if api_key is None:  # so open_store("http://...") and runners pick up the key `kiln serve` reads
             api_key = os.environ.get("KILN_API_KEY") or None
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = auth_headers(api_key)
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.retries = retries

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from agentkiln.protocol import ENGINE_STATUS_PATH
+from agentkiln.protocol import ENGINE_STATUS_PATH, auth_headers
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class TrainingContext:
     on_event: ProgressCallback = field(default=lambda kind, data: None)
 
     def _client(self) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = auth_headers(self.api_key)
         return httpx.AsyncClient(base_url=self.server_url, headers=headers, timeout=30)
 
     @staticmethod

@@ -28,6 +28,7 @@ from agentkiln.engine.chat.tool_parsers.hermes import format_tool_call
 from agentkiln.engine.errors import EngineResponseError
 from agentkiln.engine.upstream.sse import data_payloads
 from agentkiln.engine.upstream.transport import AiohttpTransport, HttpxTransport, dumps, loads
+from agentkiln.protocol import auth_headers
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class UpstreamEngine(Engine):
         self.tokenizer = tokenizer
         self._version = model_version
         self._timeout = timeout_s
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = auth_headers(api_key)
         self._http: AiohttpTransport | HttpxTransport = (
             AiohttpTransport(self.base_url, headers, timeout_s)
             if transport is None
