@@ -4,7 +4,7 @@ The pages hold no data: they are public (so a browser can open them without a he
 their scripts read everything from `/api/v1/dashboard/...` and `/api/v1/engine` with the
 same credentials as any API client (a key typed into the login form is kept in
 sessionStorage and sent as a Bearer header; on loopback without a key none is needed). The
-dashboard API is admin-only, like the store's own rollout queries.
+dashboard API is admin-only (server/auth.py route policy), like the store's own rollout queries.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from agentkiln.dashboard import queries, resources_view, rollout_view, runs
 from agentkiln.protocol import API_PREFIX
-from agentkiln.store.base import NotFoundError, StoreError
+from agentkiln.store.base import NotFoundError
 
 HERE = Path(__file__).parent
 STATIC_PREFIX = "/dashboard/static/"
@@ -43,18 +43,6 @@ def _templates() -> Any:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     return Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-
-
-class DashboardForbidden(StoreError):
-    status_code = 403
-
-
-def _admin(request: Request) -> None:
-    """403 unless the caller holds the admin key (the auth middleware names the caller; no keys: admin)."""
-    role = getattr(getattr(request.state, "principal", None), "role", None)
-    name = getattr(role, "value", role)
-    if name not in (None, "admin"):
-        raise DashboardForbidden(f"the dashboard API needs the admin key, not a {name} credential")
 
 
 def build_dashboard_router() -> APIRouter:
@@ -84,7 +72,6 @@ def build_dashboard_router() -> APIRouter:
 
     @router.get(DASHBOARD_API + "/overview")
     async def overview(request: Request) -> dict[str, Any]:
-        _admin(request)
         store = request.app.state.store
         summary = await queries.store_summary(store)
         workers = await store.query_workers()
@@ -92,23 +79,19 @@ def build_dashboard_router() -> APIRouter:
 
     @router.get(DASHBOARD_API + "/rollouts")
     async def rollouts(request: Request, f: Annotated[queries.RolloutFilter, Query()]) -> queries.RolloutPage:
-        _admin(request)
         return await queries.rollout_page(request.app.state.store, f)
 
     @router.get(DASHBOARD_API + "/rollouts/{rollout_id}")
     async def rollout(request: Request, rollout_id: str) -> dict[str, Any]:
-        _admin(request)
         return await rollout_view.rollout_detail(request.app.state.store, rollout_id, request.app.state.engine)
 
     @router.get(DASHBOARD_API + "/runs")
     async def list_runs(request: Request) -> dict[str, Any]:
-        _admin(request)
         found = runs.discover(getattr(request.app.state, "run_dirs", ()))
         return {"runs": runs.run_summaries(found)}
 
     @router.get(DASHBOARD_API + "/runs/{key}")
     async def one_run(request: Request, key: str) -> dict[str, Any]:
-        _admin(request)
         folder = runs.find(runs.discover(getattr(request.app.state, "run_dirs", ())), key)
         if folder is None:
             raise NotFoundError(f"no training run {key!r} (runs are folders holding {runs.HISTORY_FILE})")
@@ -118,7 +101,6 @@ def build_dashboard_router() -> APIRouter:
 
     @router.get(DASHBOARD_API + "/resources")
     async def resources(request: Request) -> dict[str, Any]:
-        _admin(request)
         return {"versions": await resources_view.resources_versions(request.app.state.store)}
 
     return router

@@ -115,6 +115,7 @@ _ADMIN_ONLY = [
         ("PATCH", f"/rollouts/{_ID}"),
         ("POST", f"/rollouts/{_ID}/cancel"),
         ("POST", "/check-timeouts"),
+        ("GET", "/dashboard/.+"),  # the dashboard reads every rollout, like the rollout list
     ]
 ]
 _ATTEMPT_GATEWAY = re.compile(
@@ -123,6 +124,10 @@ _ATTEMPT_GATEWAY = re.compile(
 )
 # Stored responses are served to an attempt token only when its own attempt made them (gateway/responses/state.py).
 _PLAIN_GATEWAY = re.compile(r"^/v1/(?:chat/completions|responses(?:/[^/]+(?:/input_items)?)?|models)$")
+_NEEDS = {
+    Role.runner: "that needs the admin key",
+    Role.attempt: "an attempt token reaches only its own attempt's gateway and spans",
+}
 _SPAN_WRITES = {("POST", API_PREFIX + "/spans"), ("POST", OTLP_TRACES_PATH)}
 
 
@@ -256,7 +261,10 @@ class AuthMiddleware:
             return
         method, path = scope.get("method", "GET"), scope.get("path", "")
         if not allowed(principal, method, path):
-            await send_error(send, 403, "Forbidden", f"a {principal.role.value} credential may not call {method} {path}")
+            need = _NEEDS[principal.role]
+            await send_error(
+                send, 403, "Forbidden", f"a {principal.role.value} credential may not call {method} {path}: {need}"
+            )
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
