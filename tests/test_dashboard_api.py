@@ -163,7 +163,8 @@ async def test_overview_counts(client):
     assert s["attempts_by_status"] == {"succeeded": 1, "failed": 1} and s["recent_finished"] == 2
 
 
-async def test_runs_read_the_history_file(client):
+async def test_runs_read_the_history_file(client, monkeypatch):
+    monkeypatch.setenv("KILN_RUNS_DIR", str(client.tmp / "no-runs-here"))  # not the checkout's ./runs (kiln demo's)
     assert (await client.get(f"{API}/runs")).json()["runs"] == []
     run = client.tmp / "run"
     run.mkdir()
