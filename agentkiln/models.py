@@ -11,9 +11,9 @@ import string
 import time
 import uuid
 from enum import Enum
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, field_validator, model_validator
 
 from agentkiln.protocol import AGENT_NAME_PATTERN
 
@@ -116,6 +116,7 @@ class RolloutMode(str, Enum):
     train = "train"
     val = "val"
     test = "test"
+    production = "production"  # a deployed agent's session, recorded on plain /v1 (agentkiln/production)
 
 
 # --------------------------------------------------------------------------- rollouts & attempts
@@ -265,6 +266,11 @@ class ResourcesIn(_Wire):
     llms: dict[str, LLMEndpoint] = Field(default_factory=dict, max_length=MAX_KEYS)
     prompts: dict[str, PromptTemplate] = Field(default_factory=dict, max_length=MAX_KEYS)
     metadata: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
+    candidate: bool = Field(
+        default=False,
+        description="a version for a canary to try on a share of sessions: never the latest deployed one"
+        " (get_latest_resources skips it) until a canary promotes it",
+    )
 
     @field_validator("llms")
     @classmethod
@@ -346,3 +352,107 @@ class Transition(_Wire):
     @classmethod
     def _finite(cls, v: list[float]) -> list[float]:
         return [float(x) for x in v]
+
+
+# --------------------------------------------------------------------------- feedback (learning from use)
+
+FeedbackValue = Union[StrictBool, Number, Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]]
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,256}$"
+
+
+class FeedbackIn(_Wire):
+    """A user's judgement of one answer (`response_id`), one span (`span_id` with its `rollout_id`),
+    or a whole session (`session_id`): exactly one target.
+
+    Shapes people know: Langfuse scores (name, value, dataType, comment) and LangSmith feedback
+    (key, score, correction). `client_id` makes a retried post idempotent: the same client id comes
+    back as first stored, never twice.
+    """
+
+    response_id: Optional[str] = Field(default=None, max_length=MAX_NAME_LENGTH, description="chat completion / response id")
+    session_id: Optional[str] = Field(default=None, pattern=SESSION_ID_PATTERN)
+    span_id: Optional[str] = Field(default=None, max_length=MAX_NAME_LENGTH)
+    rollout_id: Optional[str] = Field(default=None, max_length=MAX_NAME_LENGTH, description="needed with span_id")
+    name: str = Field(default="user", min_length=1, max_length=MAX_NAME_LENGTH, description="e.g. thumbs, rating")
+    value: FeedbackValue = Field(description="a number, a bool (thumbs) or a category label")
+    comment: Optional[str] = Field(default=None, max_length=100_000)
+    correction: Optional[str] = Field(default=None, max_length=MAX_INPUT_BYTES, description="the answer the user wanted")
+    client_id: Optional[str] = Field(default=None, max_length=MAX_NAME_LENGTH, description="idempotency key of this post")
+    source: str = Field(default="api", max_length=MAX_NAME_LENGTH, description="api, otlp, simulated, ...")
+    metadata: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "FeedbackIn":
+        targets = [t for t in (self.response_id, self.session_id, self.span_id) if t is not None]
+        if len(targets) != 1:
+            raise ValueError("name exactly one target: response_id, session_id or span_id (with rollout_id)")
+        if self.span_id is not None and self.rollout_id is None:
+            raise ValueError("span_id needs the rollout_id it belongs to")
+        return self
+
+
+class Feedback(FeedbackIn):
+    """Stored feedback, with the call or session it was resolved to."""
+
+    feedback_id: str
+    created_at: float = Field(default_factory=now)
+    attempt_id: Optional[str] = Field(default=None, description="resolved: the attempt of the rated call")
+    resolved_span_id: Optional[str] = Field(default=None, description="resolved: the span of the rated call")
+    model_version: Optional[str] = Field(default=None, description="resolved: the version that served the rated call")
+
+
+# --------------------------------------------------------------------------- canary
+
+
+class CanaryStatus(str, Enum):
+    active = "active"
+    promoted = "promoted"
+    rolled_back = "rolled_back"
+
+
+class CanaryRule(_Wire):
+    """When a canary decides by itself (agentkiln/production/canary.py states the statistics).
+
+    Per version, the mean of the feedback `metric` over rated sessions (booleans as 0/1); the
+    difference candidate - baseline has a normal-approximation interval at `confidence`.
+    Rolled back when its upper bound < -max_regression (worse beyond doubt); promoted when its lower
+    bound > -max_regression (not worse beyond the margin), each once both sides have
+    `min_samples` rated sessions; at `max_samples` each without a verdict it is rolled back
+    (no evidence the candidate is as good).
+    """
+
+    metric: str = Field(default="user", min_length=1, max_length=MAX_NAME_LENGTH, description="feedback name compared")
+    min_samples: Integer = Field(default=30, ge=1, le=1_000_000)
+    max_samples: Integer = Field(default=2_000, ge=1, le=10_000_000)
+    confidence: Number = Field(default=0.95, gt=0.5, lt=1.0)
+    max_regression: Number = Field(default=0.0, ge=0.0, le=1.0)
+    auto: bool = Field(default=True, description="decide by the rule (False: only by kiln canary promote/rollback)")
+
+
+class CanaryIn(_Wire):
+    candidate_resources_id: str = Field(max_length=MAX_NAME_LENGTH)
+    baseline_resources_id: Optional[str] = Field(
+        default=None, max_length=MAX_NAME_LENGTH, description="default: the latest deployed version"
+    )
+    share: Number = Field(default=0.2, gt=0.0, lt=1.0, description="share of sessions the candidate serves")
+    rule: CanaryRule = Field(default_factory=CanaryRule)
+
+
+class CanaryDecision(_Wire):
+    """A recorded step of a canary: started, promoted or rolled back, by whom, on what evidence."""
+
+    action: Literal["start", "promote", "rollback"]
+    by: Literal["rule", "user"] = "rule"
+    at: float = Field(default_factory=now)
+    reason: str = ""
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+class Canary(CanaryIn):
+    canary_id: str
+    baseline_resources_id: str = Field(max_length=MAX_NAME_LENGTH)  # type: ignore[assignment]
+    status: CanaryStatus = CanaryStatus.active
+    started_at: float = Field(default_factory=now)
+    ended_at: Optional[float] = None
+    promoted_resources_id: Optional[str] = Field(default=None, description="the deployed version a promotion published")
+    decisions: list[CanaryDecision] = Field(default_factory=list)

@@ -26,6 +26,19 @@ ATTEMPT_ROUTE = "/rollout/{rollout_id}/attempt/{attempt_id}/v1"  # one attempt's
 ATTEMPT_AGENT_ROUTE = "/rollout/{rollout_id}/attempt/{attempt_id}/agent/{agent_name}/v1"
 OTLP_TRACES_PATH = "/v1/traces"
 ENGINE_STATUS_PATH = API_PREFIX + "/engine"
+FEEDBACK_PATH = API_PREFIX + "/feedback"  # users' judgements of answers and sessions (feedback key may post)
+CANARIES_PATH = API_PREFIX + "/canaries"  # candidate versions on a share of production sessions
+
+# A production session (plain /v1 traffic grouped by X-Kiln-Session or inferred) is stored as one
+# rollout of mode "production" with one long-lived attempt; its id follows from the session id.
+SESSION_ATTEMPT_ID = "live"
+
+
+def session_rollout_id(session_id: str) -> str:
+    """The rollout a production session is recorded as (stable, so any replica finds it)."""
+    import hashlib
+
+    return "session-" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 # Agent names travel in URL paths, headers and regexes.
 AGENT_NAME_PATTERN = r"[A-Za-z0-9_.\-]{1,128}"
@@ -99,6 +112,8 @@ class Headers:
     attempt_id = "x-kiln-attempt-id"
     api_key = "x-api-key"
     idempotency_key = "idempotency-key"
+    session = "x-kiln-session"  # groups plain /v1 calls of a deployed agent into one session
+    capture = "x-kiln-capture"  # "off": this call is served but not recorded (production opt-out)
 
 
 class EnvVars:
@@ -166,6 +181,10 @@ class SpanAttrs:
     top_p = "kiln.llm.top_p"  # float
     top_k = "kiln.llm.top_k"  # int, only when the engine applied one
     min_p = "kiln.llm.min_p"  # float, only when the engine applied one
+    # production capture (plain /v1 calls recorded on their session)
+    session_id = "kiln.llm.session_id"  # str: the session a production call was grouped into
+    canary_id = "kiln.llm.canary_id"  # str: the canary whose candidate served this call
+    redacted = "kiln.llm.redacted"  # bool: text was redacted before storing (token ids dropped)
     # failures
     failure_kind = "kiln.failure.kind"
     exception_type = "kiln.exception.type"
@@ -195,6 +214,7 @@ class Role(str, Enum):
     admin = "admin"
     runner = "runner"
     attempt = "attempt"
+    feedback = "feedback"  # write-only: may post feedback, nothing else (a front end holds it)
 
 
 @dataclass(frozen=True)
@@ -280,6 +300,9 @@ class LLMCall(BaseModel):
     top_p: Optional[float] = None
     top_k: Optional[int] = None
     min_p: Optional[float] = None
+    session_id: Optional[str] = None  # production calls: the session they belong to
+    canary_id: Optional[str] = None  # served by a canary's candidate
+    redacted: bool = False  # text redacted before storing; token ids and logprobs were dropped
 
     def attributes(self) -> dict[str, Any]:
         """The span attributes this call is recorded as (the inverse of `from_attributes`)."""
@@ -297,6 +320,8 @@ class LLMCall(BaseModel):
             (SpanAttrs.top_p, self.top_p),
             (SpanAttrs.top_k, self.top_k),
             (SpanAttrs.min_p, self.min_p),
+            (SpanAttrs.session_id, self.session_id),
+            (SpanAttrs.canary_id, self.canary_id),
         ):
             if value is not None:
                 attrs[key] = value
@@ -314,6 +339,8 @@ class LLMCall(BaseModel):
             )
             if self.constrained:
                 attrs[SpanAttrs.constrained] = True
+        if self.redacted:
+            attrs[SpanAttrs.redacted] = True
         return attrs
 
     @classmethod
@@ -347,6 +374,9 @@ class LLMCall(BaseModel):
             top_p=_opt_float(attrs.get(SpanAttrs.top_p)),
             top_k=_opt_int(attrs.get(SpanAttrs.top_k)),
             min_p=_opt_float(attrs.get(SpanAttrs.min_p)),
+            session_id=_opt_str(attrs.get(SpanAttrs.session_id)),
+            canary_id=_opt_str(attrs.get(SpanAttrs.canary_id)),
+            redacted=attrs.get(SpanAttrs.redacted) is True,
         )
 
     @classmethod

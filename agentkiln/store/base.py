@@ -12,6 +12,12 @@ from typing import Any, Optional, Sequence
 
 from agentkiln.models import (
     Attempt,
+    Canary,
+    CanaryDecision,
+    CanaryIn,
+    CanaryStatus,
+    Feedback,
+    FeedbackIn,
     AttemptedRollout,
     AttemptError,
     AttemptStatus,
@@ -186,7 +192,8 @@ class Store(abc.ABC):
     async def get_resources(self, resources_id: str) -> Resources: ...
 
     @abc.abstractmethod
-    async def get_latest_resources(self) -> Optional[Resources]: ...
+    async def get_latest_resources(self) -> Optional[Resources]:
+        """The latest deployed version: candidates (ResourcesIn.candidate) are skipped."""
 
     @abc.abstractmethod
     async def query_resources(self, *, limit: int = 100, offset: int = 0) -> list[Resources]:
@@ -206,6 +213,67 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def query_workers(self) -> list[Worker]: ...
+
+    # ------------------------------------------------------------------ production (learning from use)
+    async def open_session(self, session_id: str, *, metadata: Optional[dict[str, Any]] = None) -> AttemptedRollout:
+        """The rollout recording production session `session_id`, created on first use.
+
+        Rollout id `protocol.session_rollout_id(session_id)`, mode production, status running, one
+        attempt `protocol.SESSION_ATTEMPT_ID` with no worker that no sweep times out; input
+        `{"session_id": session_id}`. Idempotent and safe under concurrent first calls (one rollout).
+        """
+        raise NotImplementedError
+
+    async def add_feedback(self, feedback: FeedbackIn) -> Feedback:
+        """Store durably before returning. The target is resolved and must exist (NotFoundError):
+        a response id to the span of that call (its `kiln.llm.call_id`, choice 0 first), a session
+        id to its rollout, a span id to that span. The same `client_id` returns the first stored.
+        """
+        raise NotImplementedError
+
+    async def query_feedback(
+        self,
+        *,
+        session_id: Optional[str] = None,
+        rollout_id: Optional[str] = None,
+        response_id: Optional[str] = None,
+        since: Optional[float] = None,
+        limit: int = 1_000,
+        offset: int = 0,
+    ) -> list[Feedback]:
+        """Oldest first; `session_id` matches feedback on the session and on each of its calls."""
+        raise NotImplementedError
+
+    async def purge_production(self, before: float) -> int:
+        """Retention: delete production rollouts last active before `before` with their attempts,
+        spans and feedback; returns how many rollouts went."""
+        raise NotImplementedError
+
+    async def start_canary(self, canary: CanaryIn) -> Canary:
+        """A new active canary (InvalidTransitionError if one is active; NotFoundError for unknown
+        resources); records a "start" decision. Baseline default: the latest deployed version."""
+        raise NotImplementedError
+
+    async def get_canary(self, canary_id: str) -> Canary:
+        raise NotImplementedError
+
+    async def get_active_canary(self) -> Optional[Canary]:
+        raise NotImplementedError
+
+    async def query_canaries(self, *, limit: int = 100, offset: int = 0) -> list[Canary]:
+        """Newest first."""
+        raise NotImplementedError
+
+    async def decide_canary(
+        self,
+        canary_id: str,
+        decision: CanaryDecision,
+        *,
+        promoted_resources_id: Optional[str] = None,
+    ) -> Canary:
+        """End an active canary: "promote" -> promoted, "rollback" -> rolled_back; the decision is
+        appended. InvalidTransitionError when it is no longer active (one decider wins a race)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ lifecycle
     @abc.abstractmethod
