@@ -362,12 +362,8 @@ SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,256}$"
 
 class FeedbackIn(_Wire):
     """A user's judgement of one answer (`response_id`), one span (`span_id` with its `rollout_id`),
-    or a whole session (`session_id`): exactly one target.
-
-    Shapes people know: Langfuse scores (name, value, dataType, comment) and LangSmith feedback
-    (key, score, correction). `client_id` makes a retried post idempotent: the same client id comes
-    back as first stored, never twice.
-    """
+    or a whole session (`session_id`): exactly one target. Shapes as Langfuse scores and LangSmith
+    feedback; `client_id` makes a retried post idempotent (the first stored comes back)."""
 
     response_id: Optional[str] = Field(default=None, max_length=MAX_NAME_LENGTH, description="chat completion / response id")
     session_id: Optional[str] = Field(default=None, pattern=SESSION_ID_PATTERN)

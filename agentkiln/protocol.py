@@ -10,6 +10,7 @@ This module imports nothing heavier than pydantic, so a runner-only install can 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -29,15 +30,13 @@ ENGINE_STATUS_PATH = API_PREFIX + "/engine"
 FEEDBACK_PATH = API_PREFIX + "/feedback"  # users' judgements of answers and sessions (feedback key may post)
 CANARIES_PATH = API_PREFIX + "/canaries"  # candidate versions on a share of production sessions
 
-# A production session (plain /v1 traffic grouped by X-Kiln-Session or inferred) is stored as one
-# rollout of mode "production" with one long-lived attempt; its id follows from the session id.
+# A production session (plain /v1 calls grouped by X-Kiln-Session or inferred): one rollout of mode
+# "production" with one long-lived attempt; its id follows from the session id.
 SESSION_ATTEMPT_ID = "live"
 
 
 def session_rollout_id(session_id: str) -> str:
     """The rollout a production session is recorded as (stable, so any replica finds it)."""
-    import hashlib
-
     return "session-" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 # Agent names travel in URL paths, headers and regexes.
@@ -300,9 +299,9 @@ class LLMCall(BaseModel):
     top_p: Optional[float] = None
     top_k: Optional[int] = None
     min_p: Optional[float] = None
-    session_id: Optional[str] = None  # production calls: the session they belong to
-    canary_id: Optional[str] = None  # served by a canary's candidate
-    redacted: bool = False  # text redacted before storing; token ids and logprobs were dropped
+    session_id: Optional[str] = None  # production calls: their session; canary_id: the canary whose
+    canary_id: Optional[str] = None  # candidate served it; redacted: text redacted, token ids dropped
+    redacted: bool = False
 
     def attributes(self) -> dict[str, Any]:
         """The span attributes this call is recorded as (the inverse of `from_attributes`)."""

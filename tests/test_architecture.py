@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "agentkiln"
 MAX_LINES = 450
 # Modules allowed over MAX_LINES, each with the reason.
-LONG_MODULES: dict[str, str] = {}
+LONG_MODULES: dict[str, str] = {
+    "agentkiln/models.py": "every wire record in one place (DESIGN.md data model); a split scatters the contract",
+    "agentkiln/protocol.py": "every route, header and span key declared once; a split invites a second spelling",
+}
 
 # Which packages each package must never import (at any level, lazily or not).
 FORBIDDEN = {

@@ -60,10 +60,45 @@ def serve(
         help="Token limit for gateway calls that send none (max_tokens / max_output_tokens). "
         "Default: none, they generate until a stop or the model's context limit.",
     ),
+    capture: bool = typer.Option(
+        False,
+        "--capture/--no-capture",
+        help="Record plain /v1 calls of deployed agents on production sessions (X-Kiln-Session header, "
+        "metadata.session_id, or inferred); clients opt out per call with 'X-Kiln-Capture: off'.",
+    ),
+    capture_sample_rate: float = typer.Option(
+        1.0, "--capture-sample-rate", min=0.0, max=1.0, help="Share of sessions recorded (chosen per session)."
+    ),
+    capture_retention_days: Optional[float] = typer.Option(
+        None, "--capture-retention-days", min=0.0, help="Purge sessions idle this long (default: keep)."
+    ),
+    redact: list[str] = typer.Option(
+        [],
+        "--redact",
+        help="Redact before storing: email, api_key, bearer, card, or re:<regex> (repeatable or comma-separated).",
+    ),
+    redact_hook: Optional[str] = typer.Option(
+        None, "--redact-hook", help="module:function (str -> str) run on every stored production text."
+    ),
 ) -> None:
     """Serve the store API over HTTP so runners and trainers on other processes or hosts share it."""
+    from agentkiln.production.capture import CaptureConfig
     from agentkiln.server.host_check import UnsafeBindError
     from agentkiln.server.serve import serve as run_server
+
+    try:
+        capture_config = CaptureConfig(
+            enabled=capture,
+            sample_rate=capture_sample_rate,
+            retention_days=capture_retention_days or None,
+            redact=tuple(p for item in redact for p in item.split(",") if p.strip()),
+            redact_hook=redact_hook,
+        )
+        from agentkiln.production.redaction import Redactor
+
+        Redactor.build(capture_config.redact, capture_config.redact_hook)  # a bad pattern or hook fails here
+    except (ValueError, ImportError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--redact / --redact-hook") from None
 
     shown = re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", store)  # a password in a database URL stays out of logs
     log.info("serving store %s on http://%s:%d (engine: %s)", shown, host, port, engine)
@@ -79,6 +114,7 @@ def serve(
             weights_roots=weights_root,
             max_weight_sets=max_weight_sets,
             max_tokens_default=max_tokens_default,
+            capture=capture_config,
         )
     except UnsafeBindError as exc:
         raise typer.BadParameter(str(exc), param_hint="--host") from None

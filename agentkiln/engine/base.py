@@ -73,6 +73,10 @@ class ChatRequest(BaseModel):
         default=None,
         description="the calling agent (set by the gateway); engines holding that agent's own weights serve them",
     )
+    variant: Optional[Literal["candidate"]] = Field(
+        default=None,
+        description="set by the gateway for a session in a canary's share: serve the candidate's weights when loaded",
+    )
 
     @model_validator(mode="after")
     def _bounded(self) -> ChatRequest:
@@ -137,6 +141,11 @@ class Engine(abc.ABC):
     def version_for(self, agent: Optional[str]) -> str:
         """The version `agent`'s calls are served (its own weights if loaded, else the main ones)."""
         return self.model_version
+
+    def weights_key(self, agent: Optional[str], variant: Optional[str] = None) -> Optional[str]:
+        """The weight set a call is served by: for a canary's candidate, the candidate's set for this
+        agent, else the candidate's main set (engine/weight_sync.candidate_key); else the agent's."""
+        return agent
 
     @property
     def agent_versions(self) -> dict[str, str]:

@@ -18,7 +18,8 @@ import logging
 
 from agentkiln.engine.base import Engine
 from agentkiln.engine.weight_roots import WeightsPolicy, describe
-from agentkiln.models import Resources
+from agentkiln.models import Canary, Resources
+from agentkiln.production.assignment import candidate_key
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ class ModelSync:
         self.refused_resources_id: str | None = None
         self.weights_error: str | None = None  # why the latest version's main weights were refused
         self.agent_weights_errors: dict[str, str] = {}  # agent -> why its weights in that version were refused
+        # Canary: the active canary whose candidate weights are loaded (the gateway routes its share there).
+        self.serving_canary: Canary | None = None
+        self._candidate_loaded: tuple[str, tuple[str, ...]] | None = None  # (resources id, engine keys)
+        self.canary_error: str | None = None
 
     @property
     def last_error(self) -> str | None:
@@ -139,6 +144,56 @@ class ModelSync:
             changed = True
         return changed
 
+    async def sync_canary(self) -> None:
+        """Load the active canary's candidate weights under candidate keys; drop them when it ends.
+
+        Until they are loaded `serving_canary` stays None, so no call is routed to weights that are
+        not there; a refused or failing candidate is reported in `canary_error` and never served.
+        """
+        canary = await self.store.get_active_canary()
+        wanted = canary.candidate_resources_id if canary is not None else None
+        loaded = self._candidate_loaded
+        if loaded is not None and loaded[0] != wanted:
+            self.serving_canary = None
+            for key in loaded[1]:
+                await self.engine.unload_weights(key)
+            self._candidate_loaded = None
+            log.info("canary over: candidate %s unloaded", loaded[0])
+        if canary is None:
+            self.serving_canary = None
+            return
+        if self._candidate_loaded is None:
+            if self.canary_error is not None and self.canary_error.startswith(wanted + ":"):
+                return  # refused once; a new canary is needed
+            try:
+                keys = await self._load_candidate(await self.store.get_resources(wanted))
+            except Exception as exc:  # a candidate that cannot load is never served; the baseline is
+                self.canary_error = f"{wanted}: {exc}"
+                log.exception("canary candidate %s could not be loaded", wanted)
+                return
+            if keys is None:
+                return
+            self._candidate_loaded = (wanted, keys)
+        self.serving_canary = canary
+
+    async def _load_candidate(self, candidate: Resources) -> tuple[str, ...] | None:
+        main, agents = main_llm_weights(candidate), agent_weights(candidate)
+        refused = self.policy.refusals(main, agents, n_agents=len(agents))
+        if refused:
+            self.canary_error = f"{candidate.resources_id}: weights refused: {describe(refused)}"
+            log.error("canary candidate %s", self.canary_error)
+            return None
+        keys = []
+        if main:
+            await self.engine.load_weights(main, f"v{candidate.version}", agent=candidate_key(None))
+            keys.append(candidate_key(None))
+        for agent, path in agents.items():
+            await self.engine.load_weights(path, agent_version(agent, candidate.version), agent=candidate_key(agent))
+            keys.append(candidate_key(agent))
+        log.info("canary candidate %s loaded (%d weight set(s))", candidate.resources_id, len(keys))
+        self.canary_error = None
+        return tuple(keys)
+
     async def run_forever(self) -> None:
         while True:
             try:
@@ -150,4 +205,12 @@ class ModelSync:
                 if str(exc) != self.load_error:
                     log.exception("could not load published weights")
                 self.load_error = str(exc)
+            try:
+                await self.sync_canary()
+            except asyncio.CancelledError:
+                raise
+            except NotImplementedError:  # a store without canaries
+                pass
+            except Exception:
+                log.exception("canary sync failed")
             await asyncio.sleep(self.interval_s)

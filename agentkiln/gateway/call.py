@@ -26,6 +26,7 @@ from starlette.requests import Request
 from agentkiln.engine.base import ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.gateway.errors import GatewayError, engine_error, invalid
 from agentkiln.gateway.incoming import path_agent
+from agentkiln.gateway.production import production_session, redact_spans, remember_answer
 from agentkiln.gateway.recording import CallContext, resolve_agent_name, span_for_error, spans_for_result
 from agentkiln.models import SpanIn
 from agentkiln.protocol import Headers, Role, principal_of
@@ -213,6 +214,11 @@ class GatewayCall:
             request.headers, body.metadata, body.user, engine_request.messages, path_agent=agent_in_path
         )
         engine_request.agent = agent
+        session = None
+        if target.rollout_id is None:  # plain /v1: a deployed agent's call, maybe recorded on its session
+            session = await production_session(request, deps, body, engine_request)
+            if session is not None and session.recorded:
+                target = Target(deps.get_store(request), session.rollout_id, session.attempt_id)
         ctx = CallContext(
             rollout_id=target.rollout_id or "",
             attempt_id=target.attempt_id or "",
@@ -222,6 +228,8 @@ class GatewayCall:
             engine_request=engine_request,
             start_time=time.time(),
             stream=bool(body.stream),
+            session_id=session.session_id if session is not None else None,
+            canary_id=session.canary_id if session is not None else None,
         )
         return cls(engine, target, ctx, request)
 
@@ -301,6 +309,8 @@ class GatewayCall:
 
     async def record(self, result: ChatResult, response_for_choice: Callable[[int], dict[str, Any]]) -> None:
         """One span per choice; `response_for_choice(i)` is the OpenAI body limited to choice i."""
+        if self.ctx.session_id is not None and self.request is not None:
+            remember_answer(self.request, self.ctx, result)
         if self.target.recorded:
             await self._store(spans_for_result(self.ctx, result, time.time(), response_for_choice))
 
@@ -320,6 +330,8 @@ class GatewayCall:
 
     async def _store(self, spans: list[SpanIn]) -> None:
         target = self.target
+        if self.ctx.session_id is not None and self.request is not None:
+            spans = redact_spans(self.request, spans)
         try:
             await target.store.add_spans(spans)  # type: ignore[union-attr]
         except StoreError as exc:  # e.g. the attempt finished while the engine was generating

@@ -58,6 +58,8 @@ class CallContext:
     engine_request: ChatRequest
     start_time: float
     stream: bool = False
+    session_id: Optional[str] = None  # production calls: the session recorded on
+    canary_id: Optional[str] = None  # served by this canary's candidate
 
 
 def _asked(req: ChatRequest, name: str) -> Any:
@@ -82,6 +84,8 @@ def _call(ctx: CallContext, **fields: Any) -> LLMCall:
         call_id=ctx.call_id,
         api=ctx.api,
         stream=ctx.stream,
+        session_id=ctx.session_id,
+        canary_id=ctx.canary_id,
         **fields,
     )
 

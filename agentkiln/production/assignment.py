@@ -30,3 +30,11 @@ def serves_candidate(canary: Canary | None, session_id: str | None) -> bool:
 
 def variant(canary: Canary | None, session_id: str | None) -> str:
     return CANDIDATE if serves_candidate(canary, session_id) else BASELINE
+
+
+CANDIDATE_KEY_PREFIX = "candidate:"  # ':' never appears in an agent name, so keys cannot collide
+
+
+def candidate_key(agent: str | None) -> str:
+    """The engine weight-set key of a canary candidate's weights for `agent` (None: its main weights)."""
+    return CANDIDATE_KEY_PREFIX + (agent or "")

@@ -19,6 +19,7 @@ from agentkiln.dashboard.routes import build_dashboard_router
 from agentkiln.engine.weight_roots import WeightsPolicy
 from agentkiln.engine.weight_sync import ModelSync
 from agentkiln.gateway.router import install_gateway
+from agentkiln.production.capture import CaptureConfig, ProductionCapture, purge_forever
 from agentkiln.server.auth import AttemptTokens, AuthMiddleware, document_security
 from agentkiln.server.engine_routes import build_engine_status_router
 from agentkiln.server.errors import (
@@ -60,11 +61,13 @@ def create_app(
     model_sync_interval_s: float = 0.25,
     allowed_hosts: Iterable[str] | None = None,
     weights_policy: WeightsPolicy | None = None,
+    capture: CaptureConfig | None = None,
 ) -> FastAPI:
     """Build the server around `store`. sweep_interval_s <= 0 turns the background sweep off.
 
     `api_key` is the admin key; `runner_key` (needs `api_key`) is the runners' narrower key;
-    agents get per-attempt tokens (see server/auth.py).
+    agents get per-attempt tokens (see server/auth.py). `capture` records plain /v1 calls on
+    production sessions (agentkiln/production/capture.py; default off).
     """
     if runner_key and not api_key:
         raise ValueError("a runner key needs an admin API key beside it")
@@ -78,6 +81,8 @@ def create_app(
         if app.state.engine is not None and model_sync_interval_s > 0:
             app.state.model_sync = ModelSync(store, app.state.engine, model_sync_interval_s, app.state.weights_policy)
             tasks.append(asyncio.create_task(app.state.model_sync.run_forever(), name="kiln-model-sync"))
+        if app.state.production.config.enabled and app.state.production.config.retention_days is not None:
+            tasks.append(asyncio.create_task(purge_forever(store, app.state.production), name="kiln-retention"))
         try:
             yield
         finally:
@@ -91,6 +96,7 @@ def create_app(
     app.state.recent_spans = RecentSpans()  # routes that write spans (store API, OTLP intake) share it
     app.state.engine = engine  # the gateway reads it per request, so it may also be set later
     app.state.model_sync = None
+    app.state.production = ProductionCapture(capture or CaptureConfig())  # the gateway reads it per call
     # Which published weights may be loaded (default: only under $KILN_WEIGHTS_ROOTS; see weight_roots).
     app.state.weights_policy = weights_policy if weights_policy is not None else WeightsPolicy.build()
     app.state.attempt_tokens = AttemptTokens.for_key(api_key)  # the dequeue/start routes mint one per attempt

@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from agentkiln.engine.weight_roots import DEFAULT_MAX_WEIGHT_SETS, WeightsPolicy
+from agentkiln.production.capture import CaptureConfig
 from agentkiln.server.app import create_app
 from agentkiln.server.host_check import LOOPBACK_HOSTS, check_bind
 from agentkiln.server.http_protocol import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
@@ -123,6 +124,7 @@ async def serve_async(
     weights_roots: Sequence[str | Path] = (),
     max_weight_sets: int = DEFAULT_MAX_WEIGHT_SETS,
     max_tokens_default: Optional[int] = None,
+    capture: Optional[CaptureConfig] = None,
 ) -> None:
     """`max_tokens_default` bounds the answer of a gateway client that sends no token limit (None:
     until a stop or the model's context limit).
@@ -148,6 +150,7 @@ async def serve_async(
         # Without a key only loopback clients are trusted; with one the key is the check.
         allowed_hosts=LOOPBACK_HOSTS if api_key is None else None,
         weights_policy=weights_policy,
+        capture=capture,
     )
     log.info("published weights load only from %s", ", ".join(str(r) for r in weights_policy.roots))
     app.state.engine = engine

@@ -126,6 +126,9 @@ class TransformersEngine(Engine):
     def version_for(self, agent: str | None) -> str:
         return self.weights.version_for(agent)
 
+    def weights_key(self, agent: str | None, variant: str | None = None) -> str | None:
+        return self.weights.key_for(agent, variant)
+
     @property
     def agent_versions(self) -> dict[str, str]:
         return self.weights.agent_versions
@@ -287,7 +290,7 @@ class TransformersEngine(Engine):
             on_token=callbacks[0],
             on_error=callbacks[1],
             grammar=self.grammars.matcher(grammar) if grammar is not None else None,
-            agent=request.agent,
+            agent=self.weights_key(request.agent, request.variant),
         )
 
     def _result(self, request: ChatRequest, prompt: RenderedPrompt, outputs: list[SeqOutput]) -> ChatResult:
@@ -310,7 +313,7 @@ class TransformersEngine(Engine):
                     constrained=grammar_spec(request) is not None,
                 )
             )
-        version = outputs[0].model_version if outputs else self.version_for(request.agent)
+        version = outputs[0].model_version if outputs else self.version_for(self.weights_key(request.agent, request.variant))
         return ChatResult(
             prompt_ids=prompt.ids,
             prompt_text=prompt.text,
