@@ -339,6 +339,16 @@ class Learner:
         t0 = time.perf_counter()
         return (loss or self.loss).run(self, [self._item(t) for t in transitions], t0)
 
+    def update_pairs(self, pairs: Sequence[tuple[Transition, Transition]], loss: Any = None) -> dict[str, float]:
+        """One update on (chosen, rejected) preference pairs with a pairwise objective (DPOObjective).
+
+        The pairs travel as one flat list, chosen at even positions, which the objective reads back.
+        """
+        flat = [t for pair in pairs for t in pair]
+        if len(flat) != 2 * len(pairs):
+            raise ValueError("each preference pair is exactly (chosen, rejected)")
+        return self.update(flat, loss)
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | Path) -> Path:

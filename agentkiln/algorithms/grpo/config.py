@@ -21,6 +21,9 @@ class GRPOConfig(LearnerConfig):
         is not forwarded (its tokens still count in the token mean).
     temperature: the sampling temperature the rollouts used; log-probs are taken under the
         same tempered distribution so ratios start at 1 and match the recorded logprobs.
+    max_importance_weight: cap on the ratio pi / pi_recorded of a negative-advantage token (dual
+        clip, see `losses.grpo_loss`); None = no cap. On-policy rollouts stay near 1, so it
+        matters for off-policy data (production calls served by other versions).
     """
 
     clip_eps: float = 0.2
@@ -29,6 +32,11 @@ class GRPOConfig(LearnerConfig):
     epochs: int = 1
     skip_zero_advantage: bool = True
     temperature: float = 1.0
+    max_importance_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_importance_weight is not None and not self.max_importance_weight > 1.0:
+            raise ValueError("max_importance_weight must be above 1 (it caps a ratio that starts at 1)")
 
     def objective(self) -> GRPOObjective:
         return GRPOObjective(self)
