@@ -73,6 +73,11 @@ def demo(
     fresh: bool = typer.Option(True, help="start over instead of resuming a checkpoint in run_dir"),
     verbose: bool = typer.Option(False, help="log to the terminal instead of run_dir/demo.log"),
     report_to: str = typer.Option("tensorboard", help="experiment tracker: tensorboard (run_dir/tensorboard) or none"),
+    production: bool = typer.Option(
+        False, "--production", help="deploy the agent on plain /v1 and learn only from simulated users' thumbs"
+    ),
+    rounds: int = typer.Option(8, help="--production: rounds of capture -> retrain -> canary"),
+    sessions: int = typer.Option(64, help="--production: user sessions per round"),
 ) -> None:
     """Train a calculator-tool agent (plain openai SDK code) with GRPO+LoRA and report accuracy before/after."""
     import shutil
@@ -88,6 +93,15 @@ def demo(
         shutil.rmtree(run_dir)
     if not verbose:  # the progress bar and tables say what matters; logs go to run_dir/demo.log
         _log_to_file(run_dir / "demo.log")
+    if production:
+        from agentkiln.cli.demo_production import run_production_demo
+        from agentkiln.demo.production import ProductionDemoConfig
+
+        config = ProductionDemoConfig(
+            rounds=rounds, sessions_per_round=sessions, users=n_runners, lr=lr, val_size=val_size, run_dir=run_dir
+        )
+        run_production_demo(config, engine, console)
+        return
     train = make_tasks(train_size, seed=1, prefix="train")
     val = make_tasks(val_size, seed=2, prefix="val")
     algorithm = build_demo_algorithm(

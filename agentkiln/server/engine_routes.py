@@ -51,6 +51,9 @@ def build_engine_status_router() -> APIRouter:
             "refused_resources_id": sync.refused_resources_id if sync else None,
             "weights_error": sync.weights_error if sync else None,
             "agent_weights_errors": dict(sync.agent_weights_errors) if sync else {},
+            # The canary whose candidate weights are loaded and routed to (None: every session gets the deployed).
+            "canary_id": sync.serving_canary.canary_id if sync and sync.serving_canary else None,
+            "canary_error": sync.canary_error if sync else None,
         }
 
     return router
