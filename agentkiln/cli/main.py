@@ -12,6 +12,7 @@ COMMAND_MODULES: list[str] = [
     "agentkiln.cli.demo",
     "agentkiln.cli.serve",
     "agentkiln.cli.train",
+    "agentkiln.cli.canary",
 ]
 
 

@@ -80,6 +80,9 @@ def serve(
     redact_hook: Optional[str] = typer.Option(
         None, "--redact-hook", help="module:function (str -> str) run on every stored production text."
     ),
+    canary_interval_s: float = typer.Option(
+        5.0, "--canary-interval-s", help="How often the active canary's rule is checked; 0: decided only by hand."
+    ),
 ) -> None:
     """Serve the store API over HTTP so runners and trainers on other processes or hosts share it."""
     from agentkiln.production.capture import CaptureConfig
@@ -115,6 +118,7 @@ def serve(
             max_weight_sets=max_weight_sets,
             max_tokens_default=max_tokens_default,
             capture=capture_config,
+            canary_interval_s=canary_interval_s,
         )
     except UnsafeBindError as exc:
         raise typer.BadParameter(str(exc), param_hint="--host") from None

@@ -19,8 +19,10 @@ from agentkiln.dashboard.routes import build_dashboard_router
 from agentkiln.engine.weight_roots import WeightsPolicy
 from agentkiln.engine.weight_sync import ModelSync
 from agentkiln.gateway.router import install_gateway
+from agentkiln.production.canary import CanaryController
 from agentkiln.production.capture import CaptureConfig, ProductionCapture, purge_forever
 from agentkiln.server.auth import AttemptTokens, AuthMiddleware, document_security
+from agentkiln.server.canary_routes import build_canary_router
 from agentkiln.server.engine_routes import build_engine_status_router
 from agentkiln.server.errors import (
     BodyLimitMiddleware,
@@ -62,12 +64,14 @@ def create_app(
     allowed_hosts: Iterable[str] | None = None,
     weights_policy: WeightsPolicy | None = None,
     capture: CaptureConfig | None = None,
+    canary_interval_s: float = 5.0,
 ) -> FastAPI:
     """Build the server around `store`. sweep_interval_s <= 0 turns the background sweep off.
 
     `api_key` is the admin key; `runner_key` (needs `api_key`) is the runners' narrower key;
     agents get per-attempt tokens (see server/auth.py). `capture` records plain /v1 calls on
-    production sessions (agentkiln/production/capture.py; default off).
+    production sessions (agentkiln/production/capture.py; default off). The active canary is
+    decided by its rule every `canary_interval_s` (<= 0: only by hand; production/canary.py).
     """
     if runner_key and not api_key:
         raise ValueError("a runner key needs an admin API key beside it")
@@ -83,6 +87,9 @@ def create_app(
             tasks.append(asyncio.create_task(app.state.model_sync.run_forever(), name="kiln-model-sync"))
         if app.state.production.config.enabled and app.state.production.config.retention_days is not None:
             tasks.append(asyncio.create_task(purge_forever(store, app.state.production), name="kiln-retention"))
+        if canary_interval_s > 0:
+            app.state.canary_controller = CanaryController(store, canary_interval_s)
+            tasks.append(asyncio.create_task(app.state.canary_controller.run_forever(), name="kiln-canary"))
         try:
             yield
         finally:
@@ -96,6 +103,7 @@ def create_app(
     app.state.recent_spans = RecentSpans()  # routes that write spans (store API, OTLP intake) share it
     app.state.engine = engine  # the gateway reads it per request, so it may also be set later
     app.state.model_sync = None
+    app.state.canary_controller = None
     app.state.production = ProductionCapture(capture or CaptureConfig())  # the gateway reads it per call
     # Which published weights may be loaded (default: only under $KILN_WEIGHTS_ROOTS; see weight_roots).
     app.state.weights_policy = weights_policy if weights_policy is not None else WeightsPolicy.build()
@@ -104,6 +112,7 @@ def create_app(
     app.include_router(store_router)
     app.include_router(build_otlp_router())
     app.include_router(build_engine_status_router())
+    app.include_router(build_canary_router())
     app.include_router(build_dashboard_router())
     install_metrics(app)  # /metrics, and the gateway latency histogram
     public_paths = (*public_paths, *DASHBOARD_PUBLIC_PATHS)  # the dashboard's page shells hold no data

@@ -116,6 +116,8 @@ _ADMIN_ONLY = [
         ("POST", f"/rollouts/{_ID}/cancel"),
         ("POST", "/check-timeouts"),
         ("GET", "/dashboard/.+"),  # the dashboard reads every rollout, like the rollout list
+        ("POST", f"/canaries/{_ID}/(?:promote|rollback)"),  # deploys or withdraws a version
+        ("GET", f"/canaries/{_ID}/stats"),  # aggregates every user's feedback
     ]
 ]
 _ATTEMPT_GATEWAY = re.compile(

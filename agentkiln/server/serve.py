@@ -125,6 +125,7 @@ async def serve_async(
     max_weight_sets: int = DEFAULT_MAX_WEIGHT_SETS,
     max_tokens_default: Optional[int] = None,
     capture: Optional[CaptureConfig] = None,
+    canary_interval_s: float = 5.0,
 ) -> None:
     """`max_tokens_default` bounds the answer of a gateway client that sends no token limit (None:
     until a stop or the model's context limit).
@@ -151,6 +152,7 @@ async def serve_async(
         allowed_hosts=LOOPBACK_HOSTS if api_key is None else None,
         weights_policy=weights_policy,
         capture=capture,
+        canary_interval_s=canary_interval_s,
     )
     log.info("published weights load only from %s", ", ".join(str(r) for r in weights_policy.roots))
     app.state.engine = engine
