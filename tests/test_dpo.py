@@ -42,11 +42,12 @@ def _pairs(n: int = 4, seed: int = 0) -> list[PreferencePair]:
         chosen = [rng.randrange(1, 1000) for _ in range(4)]
         rejected = [rng.randrange(1, 1000) for _ in range(5)]
 
-        def t(resp: list[int], k: int) -> Transition:
-            return Transition(rollout_id=f"r{i}-{k}", attempt_id="a", step=0, prompt_ids=prompt,
-                              response_ids=resp, logprobs=[0.0] * len(resp))
-
-        out.append(PreferencePair(chosen=t(chosen, 0), rejected=t(rejected, 1), source="ratings"))
+        chosen_t, rejected_t = (
+            Transition(rollout_id=f"r{i}-{k}", attempt_id="a", step=0, prompt_ids=prompt, response_ids=resp,
+                       logprobs=[0.0] * len(resp))
+            for k, resp in enumerate((chosen, rejected))
+        )
+        out.append(PreferencePair(chosen=chosen_t, rejected=rejected_t, source="ratings"))
     return out
 
 

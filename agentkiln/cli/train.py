@@ -198,14 +198,46 @@ def train_offline_cmd(
     limit: Optional[int] = typer.Option(None, help="read at most this many rollouts"),
     settings: Optional[list[str]] = typer.Option(
         None, "--set", help="KEY=VALUE for any OfflineConfig field, e.g. grpo.clip_eps=0.1 (repeatable)"
+        " (with --source production: any ProductionTrainConfig field, e.g. dataset.pair_margin=0.5)"
+    ),
+    source: str = typer.Option(
+        "rollouts", help="rollouts (finished rollouts and their rewards) or production (sessions rated by users)"
+    ),
+    since: Optional[str] = typer.Option(
+        None, help="production: calls since this ISO time, unix timestamp or age (24h, 30m, 7d)"
+    ),
+    feedback_name: Optional[list[str]] = typer.Option(
+        None, "--feedback-name", help="production: use only feedback with this name (repeatable; default all)"
+    ),
+    publish: Optional[str] = typer.Option(
+        None, "--publish", help="production: publish the adapter to this server (or store) as a candidate version"
     ),
 ) -> None:
-    """Train from rollouts already in a store (e.g. production traffic) without running the agent."""
+    """Train from rollouts already in a store, or (--source production) from users' feedback on
+    deployed traffic: sft (well-rated answers), dpo (corrections, differently rated answers) or grpo."""
     from agentkiln.algorithms.offline import OfflineConfig, train_offline
     from agentkiln.training.trace import load_traces_from
 
+    if source == "production":
+        if mode is not None or limit is not None or top_k is not None or merge:
+            raise typer.BadParameter("--mode, --limit, --top-k and --merge read rollouts; not with --source production")
+        _train_production(
+            store, out, api_key, since, publish,
+            {
+                "algorithm": algorithm, "model_dir": model_dir, "dataset.agent_match": agent_match,
+                "dataset.min_reward": min_reward, "epochs": epochs, "sft.lr": lr, "dpo.lr": lr, "grpo.lr": lr,
+                "grpo.temperature": temperature,
+                **({"dataset.names": tuple(feedback_name)} if feedback_name else {}),
+                **_settings(settings),
+            },
+        )
+        return
+    if source != "rollouts":
+        raise typer.BadParameter("use rollouts or production", param_hint="--source")
+    if since is not None or publish is not None or feedback_name:
+        raise typer.BadParameter("--since, --publish and --feedback-name need --source production")
     if algorithm not in ("sft", "grpo"):
-        raise typer.BadParameter("use sft or grpo", param_hint="--algorithm")
+        raise typer.BadParameter("use sft or grpo (dpo: with --source production)", param_hint="--algorithm")
     named = {
         "algorithm": algorithm, "model_dir": model_dir, "agent_match": agent_match, "merge": merge,
         "min_reward": min_reward, "top_k": top_k, "epochs": epochs, "lr": lr, "temperature": temperature,
@@ -225,6 +257,32 @@ def train_offline_cmd(
             }
         )
     )
+
+
+def _train_production(
+    store: str, out: Path, api_key: Optional[str], since: Optional[str], publish: Optional[str], values: dict[str, Any]
+) -> None:
+    """`kiln train-offline --source production`: train, write the report, print its summary."""
+    from agentkiln.production.since import parse_since
+    from agentkiln.production.train import ProductionTrainConfig, ProductionTrainResult, train_from_production_url
+
+    if values["algorithm"] not in ("sft", "dpo", "grpo"):
+        raise typer.BadParameter("use sft, dpo or grpo", param_hint="--algorithm")
+    if since is None:
+        raise typer.BadParameter("which calls to learn from: e.g. --since 24h", param_hint="--since")
+    try:
+        since_ts = parse_since(since)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from exc
+    _build(ProductionTrainConfig, values)  # a bad setting fails here, before any store is read
+    settings = {k: v for k, v in values.items() if k != "algorithm"}
+    result = asyncio.run(
+        train_from_production_url(
+            store, since=since_ts, out_dir=out, api_key=api_key, algorithm=values["algorithm"],
+            settings=settings, publish=publish,
+        )
+    )
+    typer.echo(json.dumps(ProductionTrainResult.model_validate(result).summary()))
 
 
 @app.command("export")

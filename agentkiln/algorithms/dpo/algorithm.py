@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -34,10 +34,10 @@ class PreferencePair(BaseModel):
     chosen: Transition
     rejected: Transition
     source: Literal["correction", "ratings", "other"] = "other"
-    feedback_id: Optional[str] = None  # the correction it came from
+    feedback_id: str | None = None  # the correction it came from
 
     @model_validator(mode="after")
-    def _same_prompt(self) -> "PreferencePair":
+    def _same_prompt(self) -> PreferencePair:
         if self.chosen.prompt_ids != self.rejected.prompt_ids:
             raise ValueError("chosen and rejected must answer the same prompt (same prompt_ids)")
         if self.chosen.response_ids == self.rejected.response_ids:
@@ -52,7 +52,7 @@ class PreferencePair(BaseModel):
 class DPOResult:
     pairs: int
     metrics: list[dict[str, float]] = field(default_factory=list)
-    adapter: Optional[str] = None
+    adapter: str | None = None
     elapsed_s: float = 0.0
 
 
