@@ -18,11 +18,11 @@ from agentkiln.training.losses import dpo_loss, sequence_logprobs
 
 def test_dpo_loss_matches_a_hand_computation() -> None:
     pi_c, pi_r = torch.tensor([-3.0, -1.0]), torch.tensor([-5.0, -0.5])
-    ref_c, ref_r = torch.tensor([-4.0, -1.0]), torch.tensor([-4.0, -1.0])
+    ref_c, ref_r = torch.tensor([-4.0, -1.0]), torch.tensor([-4.5, -2.0])
     terms = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5)
-    # pair 0: 0.5 * ((-3 + 4) - (-5 + 4)) = 1.0; pair 1: 0.5 * ((-1 + 1) - (-0.5 + 1)) = -0.25
-    assert terms.margin.tolist() == pytest.approx([1.0, -0.25])
-    expected = [math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(0.25))]  # -log sigmoid(x) = log(1 + e^-x)
+    # pair 0: 0.5 * ((-3 + 4) - (-5 + 4.5)) = 0.75; pair 1: 0.5 * ((-1 + 1) - (-0.5 + 2)) = -0.75
+    assert terms.margin.tolist() == pytest.approx([0.75, -0.75])
+    expected = [math.log(1 + math.exp(-0.75)), math.log(1 + math.exp(0.75))]  # -log sigmoid(x) = log(1 + e^-x)
     assert terms.loss.tolist() == pytest.approx(expected)
     # Policy equal to the reference: log 2 whatever beta, the loss of an undecided preference.
     assert float(dpo_loss(ref_c, ref_r, ref_c, ref_r, beta=3.0).loss[0]) == pytest.approx(math.log(2))
