@@ -16,7 +16,6 @@ from agentkiln.runner import (
     Runner,
     ToolError,
     ToolTimeout,
-    agent_scope as agent,
     current_agent,
     emit_exception,
     emit_message,
@@ -25,6 +24,9 @@ from agentkiln.runner import (
     emit_span,
     rollout,
     tool,
+)
+from agentkiln.runner import (
+    agent_scope as agent,
 )
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ _LAZY = {
     "GRPOConfig": "agentkiln.algorithms.grpo.config",
     "LoraSettings": "agentkiln.training.config",
     "CreditConfig": "agentkiln.adapter.credit",
+    "RewardSignals": "agentkiln.adapter.signals",
     "APO": "agentkiln.algorithms.apo.algorithm",
     "SFT": "agentkiln.algorithms.sft.algorithm",
     "SFTConfig": "agentkiln.algorithms.sft.config",

@@ -26,7 +26,8 @@ from agentkiln.adapter.credit import (
     reward_events,
     step_rewards,
 )
-from agentkiln.models import Attempt, AttemptStatus, Rollout, Span, Transition
+from agentkiln.adapter.signals import RewardSignals, RolloutRecord, feedback_targets
+from agentkiln.models import Attempt, AttemptStatus, Feedback, Rollout, Span, Transition
 from agentkiln.protocol import LLMCall, SpanNames
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,8 @@ def build_transitions(
     credit: CreditConfig | None = None,
     merge: bool = False,
     keep_truncated: bool = True,
+    signals: RewardSignals | None = None,
+    feedback: Sequence[Feedback] = (),
 ) -> AdapterResult:
     """Transitions (one per selected LLM call, in sequence order; `done` on the last) of one rollout.
 
@@ -197,6 +200,8 @@ def build_transitions(
         False drops them with reason "truncated".
     Returns/advantages: `reward` is the step's immediate reward, `return_` the credit-assigned
     return; `advantage` stays 0 until `credit.assign_advantages` sees the whole group.
+    signals: built-in reward signals composed with the agent's reward (adapter/signals.py; None or
+        the default: rewards as emitted); `feedback` holds users' feedback for its `feedback` signal.
     """
     credit = credit or CreditConfig()
     attempts = list(attempts)
@@ -232,6 +237,8 @@ def build_transitions(
     events: list[RewardEvent] = reward_events(own_spans, credit.reward_name)
     if not events and credit.missing_reward is not None:
         events = [RewardEvent(sequence_id=1 << 62, value=float(credit.missing_reward), final=True)]
+    if signals is not None and signals.enabled and events:
+        events = signals.compose(events, RolloutRecord(rollout, chosen, attempts, own_spans, feedback))
 
     calls: list[_Call] = []
     for span in own_spans:
@@ -305,11 +312,28 @@ def build_batch(
     credit: CreditConfig | None = None,
     merge: bool = False,
     keep_truncated: bool = True,
+    signals: RewardSignals | None = None,
+    feedback: Sequence[Feedback] = (),
 ) -> tuple[list[Transition], list[SkippedCall]]:
-    """Adapt many rollouts and assign GRPO advantages across their groups in one go."""
+    """Adapt many rollouts and assign GRPO advantages across their groups in one go (`signals`,
+    `feedback`: see build_transitions)."""
     credit = credit or CreditConfig()
+    on: dict[str, list[Feedback]] = {}
+    for fb in feedback:
+        for rid in feedback_targets(fb):
+            on.setdefault(rid, []).append(fb)
     results = [
-        build_transitions(r, a, s, agent_match=agent_match, credit=credit, merge=merge, keep_truncated=keep_truncated)
+        build_transitions(
+            r,
+            a,
+            s,
+            agent_match=agent_match,
+            credit=credit,
+            merge=merge,
+            keep_truncated=keep_truncated,
+            signals=signals,
+            feedback=on.get(r.rollout_id, ()),
+        )
         for r, a, s in items
     ]
     transitions = assign_advantages(results, credit)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agentkiln.adapter.credit import CreditConfig
+from agentkiln.adapter.signals import RewardSignals
 from agentkiln.adapter.transitions import build_batch
 from agentkiln.algorithms.grpo.config import GRPOConfig
 from agentkiln.models import RolloutConfig
@@ -53,6 +54,8 @@ class GRPO(Algorithm):
     overlap: sample the next step while the learner updates on this one (one step
         off-policy: the clipped ratio against the recorded sampling logprobs corrects for the
         lag; weights change only between sampling phases). False = strictly on-policy.
+    reward_signals: built-in signals added to the agent's reward, e.g. {"tool_success": 0.2,
+        "latency": 0.1} or a RewardSignals (agentkiln/adapter/signals.py); None: the reward as emitted.
     """
 
     model_dir: str | None = None
@@ -73,8 +76,10 @@ class GRPO(Algorithm):
     prompts: dict[str, Any] = field(default_factory=dict)
     curriculum: Any | None = None
     overlap: bool = False
+    reward_signals: RewardSignals | Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
+        self.reward_signals = RewardSignals.of(self.reward_signals)
         if self.agents is not None:  # fail at construction, not after the server has started
             if self.agent_match is not None:
                 raise ValueError("give either agent_match (one shared model) or agents (one adapter per agent)")
@@ -100,7 +105,9 @@ class GRPO(Algorithm):
 
     async def _learn(self, policy: Policy, traces: Sequence[Trace]) -> dict[str, float]:
         """One learner update on the transitions of the calls `policy` trains on."""
-        transitions, skipped = build_batch(traces, agent_match=policy.match, credit=self.credit, merge=self.merge_turns)
+        transitions, skipped = build_batch(
+            traces, agent_match=policy.match, credit=self.credit, merge=self.merge_turns, signals=self.reward_signals
+        )
         if skipped:
             log.info("adapter left out %d LLM call(s) for %s: %s", len(skipped), policy.label, skip_counts(skipped))
         if not transitions:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agentkiln.adapter.credit import CreditConfig
+from agentkiln.adapter.signals import RewardSignals
 from agentkiln.adapter.transitions import build_batch
 from agentkiln.algorithms.sft.config import SFTConfig
 from agentkiln.models import RolloutConfig, Transition
@@ -69,6 +70,7 @@ class SFT(Algorithm):
     model_dir: weights the learner starts from; must be what the engine serves (None = SmolLM2).
     min_reward / top_k: which rollouts count as demonstrations (see `select_best`).
     The adapter with the best validation reward is kept in run_dir/best and served at the end.
+    reward_signals: built-in signals added to the agent's reward before selecting (see GRPO).
     """
 
     model_dir: str | None = None
@@ -87,6 +89,10 @@ class SFT(Algorithm):
     rollout_config: RolloutConfig = field(default_factory=default_rollout_config)
     seed: int = 0
     prompts: dict[str, Any] = field(default_factory=dict)
+    reward_signals: RewardSignals | Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        self.reward_signals = RewardSignals.of(self.reward_signals)
 
     def _learner(self) -> Learner:
         from agentkiln.engine.model_files import smollm2_dir
@@ -94,7 +100,13 @@ class SFT(Algorithm):
         return Learner(self.model_dir or smollm2_dir(), self.config)
 
     def _demonstrations(self, traces: Sequence[Trace]) -> tuple[list[Transition], int]:
-        transitions, _ = build_batch(traces, agent_match=self.agent_match, credit=self.credit, merge=self.merge_turns)
+        transitions, _ = build_batch(
+            traces,
+            agent_match=self.agent_match,
+            credit=self.credit,
+            merge=self.merge_turns,
+            signals=self.reward_signals,
+        )
         kept = select_best(transitions, min_reward=self.min_reward, top_k=self.top_k)
         return kept, len({t.rollout_id for t in kept})
 
