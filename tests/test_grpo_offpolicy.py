@@ -44,7 +44,7 @@ def _far_off(learner: Learner, n: int = 3) -> list[Transition]:
 
 
 def test_learner_applies_the_configured_cap() -> None:
-    common = dict(lr=1e-2, bf16=False, lora=LoraSettings(r=2, alpha=4))
+    common = {"lr": 1e-2, "bf16": False, "lora": LoraSettings(r=2, alpha=4)}
     plain = Learner(tiny_model_dir(), GRPOConfig(**common))
     uncapped = plain.update(_far_off(plain))
     capping = Learner(tiny_model_dir(), GRPOConfig(**common, max_importance_weight=3.0))
