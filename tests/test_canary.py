@@ -110,6 +110,7 @@ async def test_controller_promotes_an_equal_candidate() -> None:
     stored = await store.get_canary(canary.canary_id)
     assert stored.status == CanaryStatus.promoted and stored.decisions[-1].by == "rule"
     assert (await canaries.with_promoted(store, stored)).promoted_resources_id == copy.resources_id
+    assert (await canary_stats(store, stored)).promoted_resources_id == copy.resources_id
 
 
 async def test_manual_canary_is_not_decided_by_the_rule() -> None:

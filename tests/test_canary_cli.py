@@ -159,6 +159,8 @@ def test_cli_start_status_promote(server: Server) -> None:
     stored = server.run(server.store.get_canary(made["canary_id"]))
     assert stored.status == CanaryStatus.promoted and stored.decisions[-1].reason == "by hand"
     assert "deployed as res-" in res.stdout
+    res = kiln(server, "status", made["canary_id"])
+    assert res.exit_code == 0 and "promoted: deployed as res-" in res.stdout and "by hand" in res.stdout
 
     res = kiln(server, "rollback", made["canary_id"])
     assert res.exit_code == 1 and "409" in res.output and "already promoted" in res.output

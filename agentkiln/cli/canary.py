@@ -176,8 +176,9 @@ def _print_status(canary: dict[str, Any], stats: dict[str, Any]) -> None:
         f"difference {_num(stats['difference'], '{:+.4f}')}, {stats['confidence']:.0%} interval "
         f"[{_num(stats['lower'], '{:+.4f}')}, {_num(stats['upper'], '{:+.4f}')}]"
     )
-    if canary.get("promoted_resources_id"):
-        console.print(f"promoted as {canary['promoted_resources_id']}")
+    promoted = canary.get("promoted_resources_id") or stats.get("promoted_resources_id")
+    if promoted:
+        console.print(f"promoted: deployed as {promoted}")
     decisions = Table(title="decisions")
     for column in ("at", "action", "by", "reason"):
         decisions.add_column(column)

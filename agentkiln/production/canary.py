@@ -78,6 +78,7 @@ class CanaryStats(BaseModel):
     lower: float | None = Field(default=None, description="lower bound of the difference's interval")
     upper: float | None = None
     left_out: int = Field(default=0, description="ratings of the metric that no arm could claim")
+    promoted_resources_id: str | None = Field(default=None, description="the deployed copy, once promoted")
     computed_at: float = Field(default_factory=now)
 
 
@@ -217,10 +218,11 @@ async def canary_stats(store: Store, canary: Canary) -> CanaryStats:
     candidate = arm(CANDIDATE, canary.candidate_resources_id, versions[0])
     baseline = arm(BASELINE, canary.baseline_resources_id, versions[1])
     d, se, lower, upper = difference_interval(baseline, candidate, canary.rule.confidence)
+    promoted = await promoted_resources(store, canary) if canary.status == CanaryStatus.promoted else None
     return CanaryStats(
         canary_id=canary.canary_id, metric=canary.rule.metric, confidence=canary.rule.confidence,
         baseline=baseline, candidate=candidate, difference=d, std_error=se, lower=lower, upper=upper,
-        left_out=left_out,
+        left_out=left_out, promoted_resources_id=promoted.resources_id if promoted is not None else None,
     )  # fmt: skip
 
 
