@@ -266,7 +266,7 @@ class ResourcesIn(_Wire):
     llms: dict[str, LLMEndpoint] = Field(default_factory=dict, max_length=MAX_KEYS)
     prompts: dict[str, PromptTemplate] = Field(default_factory=dict, max_length=MAX_KEYS)
     metadata: dict[str, Any] = Field(default_factory=dict, max_length=MAX_KEYS)
-    candidate: bool = Field(
+    candidate: StrictBool = Field(
         default=False,
         description="a version for a canary to try on a share of sessions: never the latest deployed one"
         " (get_latest_resources skips it) until a canary promotes it",
@@ -364,6 +364,17 @@ class FeedbackIn(_Wire):
     """A user's judgement of one answer (`response_id`), one span (`span_id` with its `rollout_id`),
     or a whole session (`session_id`): exactly one target. Shapes as Langfuse scores and LangSmith
     feedback; `client_id` makes a retried post idempotent (the first stored comes back)."""
+
+    # The one-target rule in the JSON schema too, so API clients and testers know it (_one_target checks it).
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["response_id"], "properties": {
+            "response_id": {"type": "string"}, "session_id": {"type": "null"}, "span_id": {"type": "null"}}},
+        {"required": ["session_id"], "properties": {
+            "session_id": {"type": "string"}, "response_id": {"type": "null"}, "span_id": {"type": "null"}}},
+        {"required": ["span_id", "rollout_id"], "properties": {
+            "span_id": {"type": "string"}, "rollout_id": {"type": "string"}, "response_id": {"type": "null"},
+            "session_id": {"type": "null"}}},
+    ]})  # fmt: skip
 
     response_id: Optional[str] = Field(default=None, max_length=MAX_NAME_LENGTH, description="chat completion / response id")
     session_id: Optional[str] = Field(default=None, pattern=SESSION_ID_PATTERN)

@@ -9,6 +9,7 @@ A fixed seed keeps the run reproducible; SCHEMATHESIS_MAX_EXAMPLES raises its de
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from agentkiln.models import CanaryIn, ResourcesIn
 from agentkiln.server.app import create_app
 from agentkiln.server.serve import ServerThread
 from agentkiln.store.sqlite import SqliteStore
@@ -64,8 +66,17 @@ def _run(url: str, report_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=report_dir.parent)
 
 
+async def _seed_canary(store: SqliteStore) -> str:
+    """A running canary, so the routes under /canaries/{canary_id} are reached (its id goes in the config)."""
+    await store.add_resources(ResourcesIn())
+    candidate = await store.add_resources(ResourcesIn(candidate=True))
+    return (await store.start_canary(CanaryIn(candidate_resources_id=candidate.resources_id))).canary_id
+
+
 def test_store_api_passes_schemathesis(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "store.db", sweep_interval_s=None)
+    canary_id = asyncio.run(_seed_canary(store))
+    (tmp_path / "schemathesis.toml").write_text(f'[parameters]\ncanary_id = "{canary_id}"\n')  # read from the cwd
     app = create_app(store, api_key=KEY, sweep_interval_s=0)
     with ServerThread(app) as server:
         result = _run(server.url, tmp_path / "report")

@@ -13,7 +13,11 @@ import pytest
 from agentkiln.models import (
     AttemptError,
     AttemptStatus,
+    CanaryDecision,
+    CanaryIn,
+    CanaryStatus,
     FailureKind,
+    FeedbackIn,
     LLMEndpoint,
     PromptTemplate,
     ResourcesIn,
@@ -24,6 +28,8 @@ from agentkiln.models import (
     SpanIn,
     WorkerStatus,
 )
+from agentkiln.models import now as wall_now
+from agentkiln.protocol import SESSION_ATTEMPT_ID, SpanAttrs, SpanNames, session_rollout_id
 from agentkiln.store import InvalidTransitionError, NotFoundError, SqliteStore, Store, ValidationError
 
 S = RolloutStatus
@@ -440,3 +446,235 @@ async def test_sqlite_old_file_with_repeated_spans_still_opens(
             assert (await store.add_span(_span(rid, aid))).sequence_id == 3
             assert len(await store.query_spans(rid)) == 3
     assert "without a unique index" in caplog.text
+
+
+# --------------------------------------------------------------------------- production (learning from use)
+
+
+def _call_span(rid: str, aid: str, call_id: str, *, choice: int = 0, version: str | None = "v1") -> SpanIn:
+    """A gateway LLM-call span: what the response-id index is built from."""
+    attrs: dict = {SpanAttrs.call_id: call_id, SpanAttrs.choice_index: choice}
+    if version is not None:
+        attrs[SpanAttrs.model_version] = version
+    return SpanIn(rollout_id=rid, attempt_id=aid, name=SpanNames.llm_call, attributes=attrs)
+
+
+async def test_open_session_is_idempotent_under_concurrent_first_calls(store: Store) -> None:
+    opened = await asyncio.gather(*(store.open_session("chat-42", metadata={"user": "u1"}) for _ in range(10)))
+    rid = session_rollout_id("chat-42")
+    assert {o.rollout.rollout_id for o in opened} == {rid}
+    assert {o.attempt.attempt_id for o in opened} == {SESSION_ATTEMPT_ID}
+    first = opened[0].rollout
+    assert first.mode == RolloutMode.production and first.status == S.running
+    assert first.input == {"session_id": "chat-42"} and first.metadata == {"user": "u1"}
+    assert first.config.timeout_s is None and first.config.unresponsive_s is None
+    assert [r.rollout_id for r in await store.query_rollouts(mode=RolloutMode.production)] == [rid]
+    assert len(await store.query_attempts(rid)) == 1
+    assert (await store.open_session("chat-42")).rollout == await store.get_rollout(rid)  # later calls: same one
+
+
+async def test_sessions_take_spans_and_no_sweep_ends_them(store: Store) -> None:
+    a = await store.open_session("s-a")
+    b = await store.open_session("s-b")  # every session's attempt is "live": ids are per rollout
+    ra, rb = a.rollout.rollout_id, b.rollout.rollout_id
+    await store.add_spans([_call_span(ra, SESSION_ATTEMPT_ID, "c1"), _call_span(rb, SESSION_ATTEMPT_ID, "c2")])
+    await store.add_span(_call_span(ra, SESSION_ATTEMPT_ID, "c3"))
+    assert [s.sequence_id for s in await store.query_spans(ra)] == [1, 2]
+    assert [s.attributes[SpanAttrs.call_id] for s in await store.query_spans(rb, attempt_id=SESSION_ATTEMPT_ID)] == ["c2"]
+    assert await store.check_timeouts(now=wall_now() + 10**7) == []
+    assert await store.attempt_statuses(ra) == {SESSION_ATTEMPT_ID: AttemptStatus.running}
+    assert (await store.get_rollout(rb)).status == S.running
+
+
+async def test_feedback_resolves_response_session_and_span(store: Store) -> None:
+    s = await store.open_session("s-1")
+    rid = s.rollout.rollout_id
+    c1 = await store.add_span(_call_span(rid, SESSION_ATTEMPT_ID, "chatcmpl-1", choice=1, version="v7"))
+    c0 = await store.add_span(_call_span(rid, SESSION_ATTEMPT_ID, "chatcmpl-1", choice=0, version="v7"))
+    by_response = await store.add_feedback(FeedbackIn(response_id="chatcmpl-1", name="thumbs", value=True))
+    assert (by_response.rollout_id, by_response.attempt_id) == (rid, SESSION_ATTEMPT_ID)
+    assert by_response.resolved_span_id == c0.span_id  # choice 0 first, whatever arrived first
+    assert by_response.model_version == "v7" and by_response.value is True and by_response.feedback_id
+    by_session = await store.add_feedback(FeedbackIn(session_id="s-1", value=0.5, comment="ok"))
+    assert by_session.rollout_id == rid and by_session.resolved_span_id is None and by_session.model_version == "v7"
+    by_span = await store.add_feedback(
+        FeedbackIn(span_id=c1.span_id, rollout_id=rid, value="wrong", correction="the answer is 4")
+    )
+    assert (by_span.resolved_span_id, by_span.attempt_id, by_span.correction) == (c1.span_id, SESSION_ATTEMPT_ID,
+                                                                                 "the answer is 4")  # fmt: skip
+    # a training rollout's calls take feedback too
+    ar = await store.start_rollout("x")
+    t = await store.add_span(_call_span(ar.rollout.rollout_id, ar.attempt.attempt_id, "chatcmpl-t", version=None))
+    on_train = await store.add_feedback(FeedbackIn(response_id="chatcmpl-t", value=1))
+    assert (on_train.rollout_id, on_train.attempt_id, on_train.resolved_span_id, on_train.model_version) == (
+        ar.rollout.rollout_id, ar.attempt.attempt_id, t.span_id, None)  # fmt: skip
+
+
+async def test_feedback_on_unknown_targets_is_not_found(store: Store) -> None:
+    s = await store.open_session("s-known")
+    await store.add_span(_call_span(s.rollout.rollout_id, SESSION_ATTEMPT_ID, "known-call"))
+    for bad in (
+        FeedbackIn(response_id="no-such-call", value=1),
+        FeedbackIn(response_id="known-call", rollout_id="ro-other", value=1),
+        FeedbackIn(session_id="no-such-session", value=1),
+        FeedbackIn(span_id="no-such-span", rollout_id=s.rollout.rollout_id, value=1),
+        FeedbackIn(span_id="x", rollout_id="ro-nope", value=1),
+    ):
+        with pytest.raises(NotFoundError):
+            await store.add_feedback(bad)
+    assert await store.query_feedback() == []
+
+
+async def test_feedback_client_id_makes_a_retry_idempotent(store: Store) -> None:
+    await store.open_session("s-idem")
+    first = await store.add_feedback(FeedbackIn(session_id="s-idem", value=1, client_id="post-1"))
+    again = await store.add_feedback(FeedbackIn(session_id="s-idem", value=0, client_id="post-1"))
+    assert again == first
+    other = await store.add_feedback(FeedbackIn(session_id="s-idem", value=0, client_id="post-2"))
+    assert other.feedback_id != first.feedback_id
+    assert [f.feedback_id for f in await store.query_feedback(session_id="s-idem")] == [first.feedback_id,
+                                                                                        other.feedback_id]  # fmt: skip
+
+
+async def test_query_feedback_by_session_response_and_time(store: Store) -> None:
+    s = await store.open_session("s-q")
+    rid = s.rollout.rollout_id
+    await store.add_span(_call_span(rid, SESSION_ATTEMPT_ID, "q-1"))
+    await store.add_span(_call_span(rid, SESSION_ATTEMPT_ID, "q-2"))
+    await store.open_session("s-other")
+    on_call = await store.add_feedback(FeedbackIn(response_id="q-1", value=1))
+    on_session = await store.add_feedback(FeedbackIn(session_id="s-q", value=0))
+    await store.add_feedback(FeedbackIn(session_id="s-other", value=1))
+    on_call2 = await store.add_feedback(FeedbackIn(response_id="q-2", name="rating", value=4, metadata={"ui": "web"}))
+    ids = lambda fbs: [f.feedback_id for f in fbs]
+    assert ids(await store.query_feedback(session_id="s-q")) == ids([on_call, on_session, on_call2])  # oldest first
+    assert ids(await store.query_feedback(rollout_id=rid)) == ids([on_call, on_session, on_call2])
+    assert ids(await store.query_feedback(response_id="q-2")) == [on_call2.feedback_id]
+    assert (await store.query_feedback(response_id="q-2"))[0] == on_call2 and on_call2.metadata == {"ui": "web"}
+    assert ids(await store.query_feedback(session_id="s-q", limit=1, offset=1)) == [on_session.feedback_id]
+    assert ids(await store.query_feedback(session_id="s-q", since=on_session.created_at)) == ids([on_session, on_call2])
+    assert await store.query_feedback(session_id="s-q", rollout_id="ro-other") == []
+    assert await store.query_feedback(session_id="never-seen") == []
+    assert len(await store.query_feedback()) == 4
+
+
+async def test_latest_resources_skips_candidates(store: Store) -> None:
+    deployed = await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="m1")}))
+    candidate = await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="m2")}, candidate=True))
+    assert candidate.candidate and candidate.version == 2
+    assert await store.get_latest_resources() == deployed
+    assert (await store.get_resources(candidate.resources_id)).candidate is True
+    assert [r.candidate for r in await store.query_resources()] == [False, True]
+    promoted = await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="m2")}))
+    assert await store.get_latest_resources() == promoted
+
+
+async def test_canary_start_decide_and_conflicts(store: Store) -> None:
+    assert await store.get_active_canary() is None
+    base = await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="m1")}))
+    cand = await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="m2")}, candidate=True))
+    canary = await store.start_canary(CanaryIn(candidate_resources_id=cand.resources_id, share=0.3))
+    assert canary.baseline_resources_id == base.resources_id  # default: the latest deployed version
+    assert canary.status == CanaryStatus.active and [d.action for d in canary.decisions] == ["start"]
+    assert canary.share == 0.3 and canary.rule.metric == "user"
+    assert await store.get_canary(canary.canary_id) == canary
+    assert await store.get_active_canary() == canary
+    with pytest.raises(InvalidTransitionError):  # one active canary at a time
+        await store.start_canary(CanaryIn(candidate_resources_id=cand.resources_id))
+    decision = CanaryDecision(action="promote", by="rule", reason="not worse", stats={"n": 40})
+    promoted = await store.decide_canary(canary.canary_id, decision, promoted_resources_id="res-published")
+    assert promoted.status == CanaryStatus.promoted and promoted.ended_at is not None
+    assert promoted.promoted_resources_id == "res-published"
+    assert [d.action for d in promoted.decisions] == ["start", "promote"] and promoted.decisions[1].stats == {"n": 40}
+    with pytest.raises(InvalidTransitionError):  # a second decider (another replica) loses
+        await store.decide_canary(canary.canary_id, CanaryDecision(action="rollback"))
+    assert await store.get_active_canary() is None
+    second = await store.start_canary(
+        CanaryIn(candidate_resources_id=cand.resources_id, baseline_resources_id=base.resources_id)
+    )
+    rolled = await store.decide_canary(second.canary_id, CanaryDecision(action="rollback", by="user"))
+    assert rolled.status == CanaryStatus.rolled_back and rolled.promoted_resources_id is None
+    assert [c.canary_id for c in await store.query_canaries()] == [second.canary_id, canary.canary_id]  # newest first
+    assert [c.canary_id for c in await store.query_canaries(limit=1, offset=1)] == [canary.canary_id]
+    assert await store.get_canary(canary.canary_id) == promoted
+
+
+async def test_canary_refuses_unknown_resources(store: Store) -> None:
+    with pytest.raises(NotFoundError):
+        await store.start_canary(CanaryIn(candidate_resources_id="res-nope"))
+    cand = await store.add_resources(ResourcesIn(candidate=True))
+    with pytest.raises(NotFoundError):  # no deployed version to default the baseline to
+        await store.start_canary(CanaryIn(candidate_resources_id=cand.resources_id))
+    with pytest.raises(NotFoundError):
+        await store.start_canary(CanaryIn(candidate_resources_id=cand.resources_id, baseline_resources_id="res-nope"))
+    with pytest.raises(ValidationError):
+        await store.start_canary(
+            CanaryIn(candidate_resources_id=cand.resources_id, baseline_resources_id=cand.resources_id)
+        )
+    with pytest.raises(NotFoundError):
+        await store.get_canary("can-nope")
+    with pytest.raises(NotFoundError):
+        await store.decide_canary("can-nope", CanaryDecision(action="rollback"))
+    assert await store.query_canaries() == []
+
+
+async def test_purge_production_deletes_idle_sessions_only(store: Store) -> None:
+    old = await store.open_session("old")
+    kept = await store.open_session("kept")
+    rid_old, rid_kept = old.rollout.rollout_id, kept.rollout.rollout_id
+    await store.add_span(_call_span(rid_old, SESSION_ATTEMPT_ID, "old-call"))
+    await store.add_feedback(FeedbackIn(response_id="old-call", value=1))
+    await store.add_feedback(FeedbackIn(session_id="old", value=1))
+    train = await store.start_rollout("t", mode=RolloutMode.train)
+    await store.add_span(_call_span(train.rollout.rollout_id, train.attempt.attempt_id, "train-call"))
+    await store.add_feedback(FeedbackIn(response_id="train-call", value=1))
+    now = wall_now()
+    late = _call_span(rid_kept, SESSION_ATTEMPT_ID, "kept-call").model_copy(update={"start_time": now + 3600})
+    await store.add_span(late)  # its latest span is later than the cut-off
+    assert await store.purge_production(before=now - 3600) == 0  # nothing idle that long
+    assert await store.purge_production(before=now + 60) == 1
+    with pytest.raises(NotFoundError):
+        await store.get_rollout(rid_old)
+    with pytest.raises(NotFoundError):
+        await store.query_spans(rid_old)
+    with pytest.raises(NotFoundError):  # its calls left the response-id index
+        await store.add_feedback(FeedbackIn(response_id="old-call", value=1))
+    assert await store.query_feedback(session_id="old") == []
+    assert len(await store.query_feedback(rollout_id=train.rollout.rollout_id)) == 1  # training data stays
+    assert (await store.get_rollout(rid_kept)).status == S.running
+    reopened = await store.open_session("old")  # a session seen again starts afresh
+    assert reopened.rollout.rollout_id == rid_old and await store.query_spans(rid_old) == []
+
+
+async def test_sqlite_version_1_file_upgrades_for_sessions(tmp_path: Path) -> None:
+    """A file written before learning from use: attempts keyed by attempt id alone, no candidate column."""
+    path = tmp_path / "store.db"
+    async with SqliteStore(path) as store:
+        ar = await store.start_rollout("x")
+        rid, aid = ar.rollout.rollout_id, ar.attempt.attempt_id
+        await store.add_span(_call_span(rid, aid, "old-call", version="v3"))
+        deployed = await store.add_resources(ResourcesIn())
+    a_cols = "attempt_id, rollout_id, sequence_id, worker_id, status, start_time, end_time, last_heartbeat, error"
+    with closing(sqlite3.connect(path)) as conn, conn:  # what version 1 left behind
+        conn.execute("ALTER TABLE attempts RENAME TO a2")
+        conn.execute(
+            "CREATE TABLE attempts (attempt_id TEXT PRIMARY KEY, rollout_id TEXT NOT NULL, sequence_id INTEGER NOT NULL, "
+            "worker_id TEXT, status TEXT NOT NULL, start_time REAL NOT NULL, end_time REAL, last_heartbeat REAL "
+            "NOT NULL, error TEXT, UNIQUE (rollout_id, sequence_id))"
+        )
+        conn.execute(f"INSERT INTO attempts ({a_cols}) SELECT {a_cols} FROM a2")
+        conn.execute("DROP TABLE a2")
+        conn.execute("ALTER TABLE resources DROP COLUMN candidate")
+        conn.execute("DROP TABLE llm_calls")
+        conn.execute("PRAGMA user_version = 1")
+    async with SqliteStore(path) as store:
+        assert await store.get_latest_resources() == deployed
+        assert (await store.get_latest_attempt(rid)).attempt_id == aid
+        fb = await store.add_feedback(FeedbackIn(response_id="old-call", value=1))  # the index was backfilled
+        assert (fb.rollout_id, fb.attempt_id, fb.model_version) == (rid, aid, "v3")
+        for sid in ("one", "two"):  # two sessions, both with attempt "live"
+            await store.open_session(sid)
+            await store.add_span(_call_span(session_rollout_id(sid), SESSION_ATTEMPT_ID, f"{sid}-call"))
+        assert len(await store.query_spans(session_rollout_id("two"))) == 1
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -263,3 +263,74 @@ async def test_served_over_http(pg: tuple[str, str]) -> None:
             assert done.status == RolloutStatus.succeeded and time.monotonic() - started < 3
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- learning from use
+
+
+async def test_version_1_schema_upgrades_for_sessions(pg: tuple[str, str]) -> None:
+    """A schema migrated to version 1 with data: version 2 re-keys attempts and backfills the response-id index."""
+    from agentkiln.models import FeedbackIn, SpanIn
+    from agentkiln.protocol import SESSION_ATTEMPT_ID, SpanAttrs, SpanNames
+    from agentkiln.store.postgres.schema import MIGRATIONS, migrate
+
+    url, schema = pg
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, options=f"-c search_path={schema}") as conn:
+        await migrate(conn, schema, {1: MIGRATIONS[1]})
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(f'SET search_path = "{schema}"')
+        await conn.execute(
+            "INSERT INTO rollouts (rollout_id, status, mode, input, config, metadata, created_at, num_attempts) "
+            "VALUES ('ro-old', 'running', 'train', '1', '{}', '{}', 1, 1)"
+        )
+        await conn.execute(
+            "INSERT INTO attempts (attempt_id, rollout_id, sequence_id, status, start_time, last_heartbeat) "
+            "VALUES ('at-old', 'ro-old', 1, 'running', 1, 1)"
+        )
+        attrs = f'{{"{SpanAttrs.call_id}": "old-call", "{SpanAttrs.model_version}": "v3"}}'
+        await conn.execute(
+            "INSERT INTO spans (rollout_id, attempt_id, attempt_seq, sequence_id, name, trace_id, span_id, start_time, "
+            "attributes, events, status, resource) VALUES ('ro-old', 'at-old', 1, 1, %s, 't', 's-old', 1, %s, '[]', "
+            "'{\"code\": \"UNSET\"}', '{}')",
+            (SpanNames.llm_call, attrs),
+        )
+    async with PostgresStore(url, schema=schema, sweep_interval_s=None) as store:
+        fb = await store.add_feedback(FeedbackIn(response_id="old-call", value=1))
+        assert (fb.rollout_id, fb.attempt_id, fb.resolved_span_id, fb.model_version) == ("ro-old", "at-old", "s-old",
+                                                                                         "v3")  # fmt: skip
+        for sid in ("one", "two"):  # both attempts are "live": the key is (rollout_id, attempt_id) now
+            s = await store.open_session(sid)
+            await store.add_span(SpanIn(rollout_id=s.rollout.rollout_id, attempt_id=SESSION_ATTEMPT_ID, name="x"))
+    assert await _versions(url, schema) == list(range(1, SCHEMA_VERSION + 1))
+
+
+async def test_replicas_race_on_sessions_feedback_and_canaries(two: tuple[PostgresStore, PostgresStore]) -> None:
+    from agentkiln.models import CanaryDecision, CanaryIn, FeedbackIn
+    from agentkiln.store import InvalidTransitionError
+
+    a, b = two
+    opened = await asyncio.gather(*(s.open_session("shared") for s in (a, b) for _ in range(5)))
+    assert len({o.rollout.rollout_id for o in opened}) == 1
+    posts = await asyncio.gather(
+        *(s.add_feedback(FeedbackIn(session_id="shared", value=1, client_id="same")) for s in (a, b, a, b))
+    )
+    assert len({p.feedback_id for p in posts}) == 1 and len(await a.query_feedback()) == 1
+    base = await a.add_resources(ResourcesIn())
+    cand = await a.add_resources(ResourcesIn(candidate=True))
+    started = await asyncio.gather(
+        *(s.start_canary(CanaryIn(candidate_resources_id=cand.resources_id)) for s in (a, b, a, b)),
+        return_exceptions=True,
+    )
+    won = [c for c in started if not isinstance(c, BaseException)]
+    assert len(won) == 1 and all(isinstance(e, InvalidTransitionError) for e in started if e not in won)
+    assert won[0].baseline_resources_id == base.resources_id
+    decided = await asyncio.gather(
+        *(
+            s.decide_canary(won[0].canary_id, CanaryDecision(action=act))
+            for s in (a, b)
+            for act in ("promote", "rollback")
+        ),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(d, BaseException) for d in decided) == 1
+    assert len((await b.get_canary(won[0].canary_id)).decisions) == 2

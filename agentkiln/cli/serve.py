@@ -40,6 +40,12 @@ def serve(
         envvar="KILN_RUNNER_KEY",
         help="A narrower key for runners (dequeue, heartbeats, their attempts); agents get per-attempt tokens.",
     ),
+    feedback_key: Optional[str] = typer.Option(
+        None,
+        "--feedback-key",
+        envvar="KILN_FEEDBACK_KEY",
+        help="A key for front ends that may only POST /api/v1/feedback (users' thumbs, scores, corrections).",
+    ),
     engine: str = typer.Option(
         "smollm2", "--engine", help="Inference engine for the gateway; 'none' to serve only the store."
     ),
@@ -112,6 +118,7 @@ def serve(
             port=port,
             api_key=api_key or None,
             runner_key=runner_key or None,
+            feedback_key=feedback_key or None,
             engine_spec=engine,
             max_body_bytes=int(max_body_mb * 1_000_000),
             weights_roots=weights_root,

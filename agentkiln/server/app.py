@@ -23,12 +23,14 @@ from agentkiln.production.canary import CanaryController
 from agentkiln.production.capture import CaptureConfig, ProductionCapture, purge_forever
 from agentkiln.server.auth import AttemptTokens, AuthMiddleware, document_security
 from agentkiln.server.canary_routes import build_canary_router
+from agentkiln.server.canary_store_routes import router as canary_store_router
 from agentkiln.server.engine_routes import build_engine_status_router
 from agentkiln.server.errors import (
     BodyLimitMiddleware,
     UnexpectedErrorMiddleware,
     install_error_handlers,
 )
+from agentkiln.server.feedback_routes import router as feedback_router
 from agentkiln.server.host_check import TrustedHostMiddleware
 from agentkiln.server.idempotency import IdempotencyMiddleware, RecentSpans
 from agentkiln.server.metrics import install_metrics
@@ -56,6 +58,7 @@ def create_app(
     *,
     api_key: str | None = None,
     runner_key: str | None = None,
+    feedback_key: str | None = None,
     max_body_bytes: int = 16_000_000,
     sweep_interval_s: float = 1.0,
     public_paths: Iterable[str] = ("/health",),
@@ -75,6 +78,8 @@ def create_app(
     """
     if runner_key and not api_key:
         raise ValueError("a runner key needs an admin API key beside it")
+    if feedback_key and not api_key:  # `feedback_key`: a front end's key that may only post feedback
+        raise ValueError("a feedback key needs an admin API key beside it")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,6 +115,8 @@ def create_app(
     app.state.attempt_tokens = AttemptTokens.for_key(api_key)  # the dequeue/start routes mint one per attempt
     install_error_handlers(app)
     app.include_router(store_router)
+    app.include_router(feedback_router)
+    app.include_router(canary_store_router)
     app.include_router(build_otlp_router())
     app.include_router(build_engine_status_router())
     app.include_router(build_canary_router())
@@ -126,6 +133,7 @@ def create_app(
             AuthMiddleware,
             admin_key=api_key,
             runner_key=runner_key,
+            feedback_key=feedback_key,
             tokens=app.state.attempt_tokens,
             public_paths=public_paths,
         )

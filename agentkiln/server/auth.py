@@ -5,7 +5,12 @@
   dequeue, heartbeats, its attempts' status and spans, reading rollouts and resources,
   the gateway. Never publishes resources, enqueues, cancels or sweeps.
 - attempt token (minted by the dequeue/start routes, handed to the agent as its OpenAI key):
-  that attempt's gateway calls and span writes only, and only while the attempt runs.
+  that attempt's gateway calls and span writes only, and only while the attempt runs. It posts
+  no feedback: an agent reports its own outcome as reward spans; users' judgements come from the
+  front end's feedback key.
+- feedback (`--feedback-key`, for a front end shipped to users): `POST /api/v1/feedback` and
+  nothing else, so a leaked key can add judgements but read nothing. Runners may post feedback
+  too (a runner-side evaluator); reading it back is the admin's.
 
 Tokens are stateless HMACs over (rollout id, attempt id) keyed from the admin key, so every
 replica that shares the key accepts them without a table, and a finished attempt's token
@@ -30,6 +35,7 @@ from agentkiln.models import SpanIn
 from agentkiln.protocol import (
     ADMIN,
     API_PREFIX,
+    FEEDBACK_PATH,
     LLM_ONLY_PREFIX,
     OTLP_TRACES_PATH,
     Headers,
@@ -118,6 +124,11 @@ _ADMIN_ONLY = [
         ("GET", "/dashboard/.+"),  # the dashboard reads every rollout, like the rollout list
         ("POST", f"/canaries/{_ID}/(?:promote|rollback)"),  # deploys or withdraws a version
         ("GET", f"/canaries/{_ID}/stats"),  # aggregates every user's feedback
+        ("POST", "/canaries"),  # starts serving a candidate to users
+        ("POST", f"/canaries/{_ID}/decisions"),
+        ("GET", "/feedback"),  # users' comments and corrections: read by the operator only
+        ("GET", f"/sessions/{_ID}"),
+        ("POST", "/purge-production"),
     ]
 ]
 _ATTEMPT_GATEWAY = re.compile(
@@ -129,6 +140,7 @@ _PLAIN_GATEWAY = re.compile(r"^/v1/(?:chat/completions|responses(?:/[^/]+(?:/inp
 _NEEDS = {
     Role.runner: "that needs the admin key",
     Role.attempt: "an attempt token reaches only its own attempt's gateway and spans",
+    Role.feedback: f"a feedback key may only POST {FEEDBACK_PATH}",
 }
 _SPAN_WRITES = {("POST", API_PREFIX + "/spans"), ("POST", OTLP_TRACES_PATH)}
 
@@ -139,6 +151,8 @@ def allowed(principal: Principal, method: str, path: str) -> bool:
         return True
     if principal.role == Role.runner:
         return not any(m == method and rx.match(path) for m, rx in _ADMIN_ONLY)
+    if principal.role == Role.feedback:
+        return (method, path) == ("POST", FEEDBACK_PATH)
     if (method, path) in _SPAN_WRITES or _PLAIN_GATEWAY.match(path):
         return True  # the gateway records a plain-/v1 call on the token's attempt
     match = _ATTEMPT_GATEWAY.match(path)
@@ -210,6 +224,7 @@ class AuthMiddleware:
         *,
         admin_key: str,
         runner_key: str | None = None,
+        feedback_key: str | None = None,
         tokens: AttemptTokens,
         public_paths: Iterable[str] = ("/health",),
     ) -> None:
@@ -217,6 +232,8 @@ class AuthMiddleware:
         self.keys = [(admin_key.encode(), ADMIN)]
         if runner_key:
             self.keys.append((runner_key.encode(), Principal(Role.runner)))
+        if feedback_key:
+            self.keys.append((feedback_key.encode(), Principal(Role.feedback)))
         self.tokens = tokens
         self.public_paths = frozenset(public_paths)
 

@@ -117,6 +117,7 @@ async def serve_async(
     port: int = 4747,
     api_key: Optional[str] = None,
     runner_key: Optional[str] = None,
+    feedback_key: Optional[str] = None,
     engine_spec: str = "none",
     max_body_bytes: int = 16_000_000,
     sweep_interval_s: float = 1.0,
@@ -146,6 +147,7 @@ async def serve_async(
         store,
         api_key=api_key,
         runner_key=runner_key,
+        feedback_key=feedback_key,
         max_body_bytes=max_body_bytes,
         sweep_interval_s=sweep_interval_s,
         # Without a key only loopback clients are trusted; with one the key is the check.

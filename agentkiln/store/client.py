@@ -40,6 +40,7 @@ from agentkiln.models import (
 )
 from agentkiln.protocol import API_PREFIX, Headers, auth_headers
 from agentkiln.store.base import InvalidTransitionError, NotFoundError, Store, StoreError, ValidationError
+from agentkiln.store.client_production import HttpProduction
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _error_from(response: httpx.Response) -> StoreError:
     return err
 
 
-class HttpStore(Store):
+class HttpStore(HttpProduction, Store):
     def __init__(
         self,
         base_url: str,

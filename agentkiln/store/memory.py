@@ -18,6 +18,8 @@ from agentkiln.models import (
     AttemptedRollout,
     AttemptError,
     AttemptStatus,
+    Canary,
+    Feedback,
     Resources,
     ResourcesIn,
     Rollout,
@@ -33,13 +35,14 @@ from agentkiln.models import (
 from agentkiln.models import (
     now as wall_now,
 )
-from agentkiln.store import lifecycle
+from agentkiln.store import lifecycle, production_rules
 from agentkiln.store.base import NotFoundError, Store
+from agentkiln.store.memory_production import MemoryProduction
 
 log = logging.getLogger(__name__)
 
 
-class InMemoryStore(Store):
+class InMemoryStore(MemoryProduction, Store):
     """Dict-backed Store; FIFO via a heap of (creation order, id) with lazy deletion."""
 
     def __init__(self, *, sweep_interval_s: float | None = 1.0) -> None:
@@ -50,12 +53,19 @@ class InMemoryStore(Store):
         self._waiting: list[tuple[int, str]] = []  # heap; entries may be stale, checked on pop
         self._running: set[str] = set()  # rollout ids with status running (for sweeps)
         self._attempts: dict[str, list[Attempt]] = {}  # rollout id -> attempts by sequence
-        self._attempt_pos: dict[str, tuple[str, int]] = {}  # attempt id -> (rollout id, index)
-        self._spans: dict[str, list[Span]] = {}  # attempt id -> spans by sequence
+        # (rollout id, attempt id) -> index in the rollout's attempts: attempt ids are unique per
+        # rollout only (every production session's attempt is protocol.SESSION_ATTEMPT_ID)
+        self._attempt_pos: dict[tuple[str, str], int] = {}
+        self._spans: dict[tuple[str, str], list[Span]] = {}  # (rollout id, attempt id) -> spans by sequence
         self._span_keys: dict[tuple[str, str, str], Span] = {}  # (rollout, attempt, span id) -> stored span
         self._resources: list[Resources] = []
         self._resources_by_id: dict[str, Resources] = {}
         self._workers: dict[str, Worker] = {}
+        self._calls: dict[str, list[tuple[int, int, production_rules.CallEntry]]] = {}  # response id -> index rows
+        self._call_order = 0
+        self._feedback: dict[str, Feedback] = {}  # feedback id -> record, in arrival order
+        self._feedback_by_client: dict[str, Feedback] = {}
+        self._canaries: dict[str, Canary] = {}  # canary id -> record, in creation order
         self._sweep_interval_s = sweep_interval_s
         self._last_sweep = time.monotonic()
 
@@ -75,8 +85,8 @@ class InMemoryStore(Store):
             self._finished.notify_all()
 
     def _put_attempt(self, attempt: Attempt) -> None:
-        rid, idx = self._attempt_pos[attempt.attempt_id]
-        self._attempts[rid][idx] = attempt
+        idx = self._attempt_pos[(attempt.rollout_id, attempt.attempt_id)]
+        self._attempts[attempt.rollout_id][idx] = attempt
 
     def _apply(self, change: lifecycle.Change) -> None:
         if change.attempt is not None:
@@ -93,17 +103,17 @@ class InMemoryStore(Store):
     def _attempt(self, rollout_id: str, attempt_id: str) -> tuple[Attempt, bool]:
         """The attempt and whether it is its rollout's latest; NotFoundError if it isn't that rollout's."""
         self._rollout(rollout_id)
-        pos = self._attempt_pos.get(attempt_id)
-        if pos is None or pos[0] != rollout_id:
+        idx = self._attempt_pos.get((rollout_id, attempt_id))
+        if idx is None:
             raise NotFoundError(f"attempt {attempt_id} of rollout {rollout_id} not found")
         attempts = self._attempts[rollout_id]
-        return attempts[pos[1]], pos[1] == len(attempts) - 1
+        return attempts[idx], idx == len(attempts) - 1
 
     def _start(self, rollout: Rollout, worker_id: str | None) -> AttemptedRollout:
         change = lifecycle.start_attempt(rollout, worker_id, wall_now())
         assert change.rollout is not None and change.attempt is not None
         attempts = self._attempts.setdefault(rollout.rollout_id, [])
-        self._attempt_pos[change.attempt.attempt_id] = (rollout.rollout_id, len(attempts))
+        self._attempt_pos[(rollout.rollout_id, change.attempt.attempt_id)] = len(attempts)
         attempts.append(change.attempt)
         self._put_rollout(change.rollout)
         return AttemptedRollout(rollout=change.rollout.model_copy(deep=True), attempt=change.attempt.model_copy())
@@ -152,8 +162,8 @@ class InMemoryStore(Store):
             self._maybe_sweep_locked()
             while self._waiting:
                 _, rid = heapq.heappop(self._waiting)
-                rollout = self._rollouts[rid]
-                if rollout.status.waiting:
+                rollout = self._rollouts.get(rid)  # None: purged since it waited (purge_production)
+                if rollout is not None and rollout.status.waiting:
                     return self._start(rollout, worker_id)
             return None
 
@@ -302,11 +312,15 @@ class InMemoryStore(Store):
                 key = (rec["rollout_id"], rec["attempt_id"], rec["span_id"])
                 span = self._span_keys.get(key)
                 if span is None:  # a re-sent span (or a repeat in this batch) comes back as first stored
-                    stored = self._spans.setdefault(rec["attempt_id"], [])
+                    stored = self._spans.setdefault(key[:2], [])
                     span = Span.model_validate({**rec, "sequence_id": len(stored) + 1})
                     stored.append(span)
                     self._span_keys[key] = span
                     added += 1
+                    entry = production_rules.call_entry(rec)
+                    if entry is not None:
+                        self._call_order += 1
+                        self._calls.setdefault(entry.call_id, []).append((entry.choice_index, self._call_order, entry))
                 out.append(span.model_copy(deep=True))
             if added < len(records):
                 log.info("ignoring %d re-sent span(s)", len(records) - added)
@@ -336,7 +350,7 @@ class InMemoryStore(Store):
                 ids = [self._attempt(rollout_id, attempt_id)[0].attempt_id]
             out: list[Span] = []
             for aid in ids:
-                out.extend(s for s in self._spans.get(aid, []) if name is None or s.name == name)
+                out.extend(s for s in self._spans.get((rollout_id, aid), []) if name is None or s.name == name)
             return [s.model_copy(deep=True) for s in out[offset : offset + limit]]
 
     # ------------------------------------------------------------------ resources
@@ -364,7 +378,8 @@ class InMemoryStore(Store):
 
     async def get_latest_resources(self) -> Resources | None:
         async with self._lock:
-            return self._resources[-1].model_copy(deep=True) if self._resources else None
+            deployed = next((r for r in reversed(self._resources) if not r.candidate), None)
+            return deployed.model_copy(deep=True) if deployed is not None else None
 
     async def query_resources(self, *, limit: int = 100, offset: int = 0) -> list[Resources]:
         lifecycle.check_page(limit, offset)

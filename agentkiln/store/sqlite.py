@@ -41,6 +41,7 @@ from agentkiln.store import lifecycle
 from agentkiln.store import sqlite_queries as q
 from agentkiln.store.base import NotFoundError, Store
 from agentkiln.store.sqlite_connections import SqliteConnections
+from agentkiln.store.sqlite_production import SqliteProduction
 from agentkiln.store.sqlite_rows import (
     A_COLS,
     R_COLS,
@@ -67,7 +68,7 @@ POLL_S = 0.25  # wait_for_rollouts re-reads the file this often (other processes
 DIRECT_WRITE_MAX_SPANS = 16  # larger span batches always join the group commit
 
 
-class SqliteStore(SqliteConnections, Store):
+class SqliteStore(SqliteProduction, SqliteConnections, Store):
     """Store in one SQLite file; several SqliteStores (processes) may share the file."""
 
     def __init__(self, path: str | Path, *, sweep_interval_s: float | None = 1.0) -> None:
@@ -350,9 +351,9 @@ class SqliteStore(SqliteConnections, Store):
                 {**data, "resources_id": new_id("res"), "version": version, "created_at": wall_now()}
             )
             conn.execute(
-                f"INSERT INTO resources ({RES_COLS}) VALUES (?,?,?,?,?,?)",
+                f"INSERT INTO resources ({RES_COLS}) VALUES (?,?,?,?,?,?,?)",
                 (res.resources_id, version, res.created_at, dumps(data["llms"]), dumps(data["prompts"]),
-                 dumps(data["metadata"])),
+                 dumps(data["metadata"]), int(res.candidate)),
             )  # fmt: skip
             return res
 
@@ -369,8 +370,7 @@ class SqliteStore(SqliteConnections, Store):
 
     async def get_latest_resources(self) -> Resources | None:
         def op(conn: sqlite3.Connection) -> Resources | None:
-            row = conn.execute(f"SELECT {RES_COLS} FROM resources ORDER BY version DESC LIMIT 1").fetchone()
-            return resources_from_row(row) if row is not None else None
+            return q.latest_deployed(conn)
 
         return await self._call(op, write=False)
 

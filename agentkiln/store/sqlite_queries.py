@@ -7,18 +7,20 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from agentkiln.models import Attempt, AttemptedRollout, AttemptStatus, Rollout, Span
+from agentkiln.models import Attempt, AttemptedRollout, AttemptStatus, Resources, Rollout, Span
 from agentkiln.models import now as wall_now
-from agentkiln.store import lifecycle
+from agentkiln.store import lifecycle, production_rules
 from agentkiln.store.base import NotFoundError
 from agentkiln.store.sqlite_rows import (
     A_COLS,
     R_COLS,
+    RES_COLS,
     S_COLS,
     S_INSERT_COLS,
     attempt_from_row,
     attempt_values,
     dumps,
+    resources_from_row,
     rollout_from_row,
     rollout_values,
     span_from_row,
@@ -41,6 +43,16 @@ _STORED_SPANS_SQL = (
     "AND span_id IN (SELECT value FROM json_each(?))"
 )
 _STORED_SPAN_SQL = f"SELECT {S_COLS} FROM spans WHERE rollout_id = ? AND attempt_id = ? AND span_id = ?"
+
+
+_CALL_INSERT_SQL = f"INSERT OR IGNORE INTO llm_calls ({production_rules.CALL_COLS}) VALUES (?,?,?,?,?,?)"
+_LATEST_DEPLOYED_SQL = f"SELECT {RES_COLS} FROM resources WHERE candidate = 0 ORDER BY version DESC LIMIT 1"
+
+
+def latest_deployed(conn: sqlite3.Connection) -> Resources | None:
+    """The latest resources that are not a candidate (what get_latest_resources answers)."""
+    row = conn.execute(_LATEST_DEPLOYED_SQL).fetchone()
+    return resources_from_row(row) if row is not None else None
 
 
 def get_rollout(conn: sqlite3.Connection, rollout_id: str) -> Rollout:
@@ -89,8 +101,9 @@ def insert_attempt(conn: sqlite3.Connection, a: Attempt) -> None:
 def save_attempt(conn: sqlite3.Connection, a: Attempt) -> None:
     v = attempt_values(a)
     conn.execute(
-        "UPDATE attempts SET worker_id=?, status=?, end_time=?, last_heartbeat=?, error=? WHERE attempt_id=?",
-        (v[3], v[4], v[6], v[7], v[8], v[0]),
+        "UPDATE attempts SET worker_id=?, status=?, end_time=?, last_heartbeat=?, error=? "
+        "WHERE rollout_id=? AND attempt_id=?",
+        (v[3], v[4], v[6], v[7], v[8], v[1], v[0]),
     )
 
 
@@ -179,6 +192,9 @@ def insert_spans(conn: sqlite3.Connection, records: list[dict[str, Any]], attrib
     out, fresh = lifecycle.place_spans(records, known, owners)
     rows = [span_values(rec, attempt_seq, seq, attributes_json[i]) for i, rec, attempt_seq, seq in fresh]
     conn.executemany(f"INSERT INTO spans ({S_INSERT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    calls = production_rules.call_entries(rec for _, rec, _, _ in fresh)
+    if calls:  # the response-id index (feedback targets), in the spans' transaction
+        conn.executemany(_CALL_INSERT_SQL, [c.values() for c in calls])
     now = wall_now()
     for rollout, attempt, _ in owners.values():
         is_latest = rollout is not None and attempt.sequence_id == rollout.num_attempts

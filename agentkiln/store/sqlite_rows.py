@@ -37,7 +37,7 @@ S_INSERT_COLS = (
     "rollout_id, attempt_id, attempt_seq, sequence_id, name, trace_id, span_id, parent_id, start_time, end_time, "
     "attributes, events, status, resource"
 )
-RES_COLS = "resources_id, version, created_at, llms, prompts, metadata"
+RES_COLS = "resources_id, version, created_at, llms, prompts, metadata, candidate"
 W_COLS = "worker_id, status, last_heartbeat, current_rollout_id, current_attempt_id, metadata"
 
 
@@ -146,6 +146,7 @@ def resources_from_row(row: Sequence[Any]) -> Resources:
             "llms": json.loads(row[3]),
             "prompts": json.loads(row[4]),
             "metadata": json.loads(row[5]),
+            "candidate": bool(row[6]),
         }
     )
 

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from agentkiln.models import Attempt, AttemptedRollout, Rollout, Span
+from agentkiln.models import Attempt, AttemptedRollout, Resources, Rollout, Span
 from agentkiln.models import now as wall_now
-from agentkiln.store import lifecycle
+from agentkiln.store import lifecycle, production_rules
 from agentkiln.store.base import NotFoundError
 from agentkiln.store.postgres.connections import Conn
 from agentkiln.store.postgres.rows import (
@@ -24,10 +24,12 @@ from agentkiln.store.postgres.rows import (
     R_INSERT,
     R_SELECT,
     R_SELECT_R,
+    RES_SELECT,
     S_INSERT,
     S_SELECT,
     attempt_from_row,
     attempt_values,
+    resources_from_row,
     rollout_from_row,
     rollout_values,
     span_from_row,
@@ -47,6 +49,16 @@ _OWNER_SQL = (
 )
 _LOCK_SQL = f"SELECT {R_SELECT} FROM rollouts WHERE rollout_id = ANY(%s) ORDER BY rollout_id FOR UPDATE"
 _STORED_SPANS_SQL = f"SELECT {S_SELECT} FROM spans WHERE rollout_id = %s AND attempt_id = %s AND span_id = ANY(%s)"
+_CALL_INSERT_SQL = (
+    f"INSERT INTO llm_calls ({production_rules.CALL_COLS}) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+)
+_LATEST_DEPLOYED_SQL = f"SELECT {RES_SELECT} FROM resources WHERE NOT candidate ORDER BY version DESC LIMIT 1"
+
+
+async def latest_deployed(conn: Conn) -> Resources | None:
+    """The latest resources that are not a candidate (what get_latest_resources answers)."""
+    row = await _one(conn, _LATEST_DEPLOYED_SQL, ())
+    return resources_from_row(row) if row is not None else None
 
 
 async def _one(conn: Conn, query: str, args: Sequence[Any] | dict[str, Any]) -> Any:
@@ -105,8 +117,8 @@ async def save_attempt(conn: Conn, a: Attempt) -> None:
     v = attempt_values(a)
     await conn.execute(
         "UPDATE attempts SET worker_id=%s, status=%s, end_time=%s, last_heartbeat=%s, error=%s::jsonb "
-        "WHERE attempt_id=%s",
-        (v[3], v[4], v[6], v[7], v[8], v[0]),
+        "WHERE rollout_id=%s AND attempt_id=%s",
+        (v[3], v[4], v[6], v[7], v[8], v[1], v[0]),
     )
 
 
@@ -166,6 +178,10 @@ async def insert_spans(conn: Conn, records: list[dict[str, Any]], attributes_jso
     if rows:
         async with conn.cursor() as cur:
             await cur.executemany(S_INSERT, rows)
+    calls = production_rules.call_entries(rec for _, rec, _, _ in fresh)
+    if calls:  # the response-id index (feedback targets), in the spans' transaction
+        async with conn.cursor() as cur:
+            await cur.executemany(_CALL_INSERT_SQL, [c.values() for c in calls])
     now = wall_now()
     ignored: list[str] = []  # activity never finishes a rollout
     for rollout, attempt, _ in owners.values():

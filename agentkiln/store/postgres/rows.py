@@ -75,9 +75,9 @@ S_INSERT = (
     "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::json, %s::json, %s::jsonb, %s::json)"
 )
 
-_RES = "resources_id, version, created_at, llms, prompts, metadata"
+_RES = "resources_id, version, created_at, llms, prompts, metadata, candidate"
 RES_SELECT = _select(_RES, {"llms", "prompts", "metadata"})
-RES_INSERT = f"INSERT INTO resources ({_RES}) VALUES (%s, %s, %s, %s::json, %s::json, %s::json)"
+RES_INSERT = f"INSERT INTO resources ({_RES}) VALUES (%s, %s, %s, %s::json, %s::json, %s::json, %s)"
 
 _W = "worker_id, status, last_heartbeat, current_rollout_id, current_attempt_id, metadata"
 W_SELECT = _select(_W, {"metadata"})

@@ -93,6 +93,52 @@ MIGRATIONS: dict[int, list[str]] = {
             metadata JSON NOT NULL
         )""",
     ],
+    # Learning from use: attempt ids unique per rollout only (every session's attempt is "live"),
+    # candidate resources, the response-id index (filled from the LLM-call spans already stored),
+    # feedback and canaries (one active at a time, whichever replica starts it).
+    2: [
+        "ALTER TABLE attempts DROP CONSTRAINT attempts_pkey",
+        "ALTER TABLE attempts ADD PRIMARY KEY (rollout_id, attempt_id)",
+        "ALTER TABLE resources ADD COLUMN candidate BOOLEAN NOT NULL DEFAULT FALSE",
+        """CREATE TABLE llm_calls (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            call_id TEXT NOT NULL,
+            rollout_id TEXT NOT NULL,
+            attempt_id TEXT NOT NULL,
+            span_id TEXT NOT NULL,
+            choice_index INTEGER NOT NULL,
+            model_version TEXT,
+            UNIQUE (call_id, rollout_id, attempt_id, span_id)
+        )""",
+        "CREATE INDEX llm_calls_by_rollout ON llm_calls (rollout_id)",
+        """INSERT INTO llm_calls (call_id, rollout_id, attempt_id, span_id, choice_index, model_version)
+            SELECT attributes->>'kiln.llm.call_id', rollout_id, attempt_id, span_id,
+                CASE WHEN json_typeof(attributes->'kiln.llm.choice_index') = 'number'
+                    AND (attributes->>'kiln.llm.choice_index') ~ '^[0-9]{1,9}$'
+                    THEN (attributes->>'kiln.llm.choice_index')::integer ELSE 0 END,
+                attributes->>'kiln.model.version'
+            FROM spans WHERE name = 'kiln.llm.call' AND json_typeof(attributes->'kiln.llm.call_id') = 'string'
+                AND attributes->>'kiln.llm.call_id' <> '' ORDER BY id
+            ON CONFLICT DO NOTHING""",
+        """CREATE TABLE feedback (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- arrival order
+            feedback_id TEXT NOT NULL UNIQUE,
+            client_id TEXT UNIQUE,  -- a retried post finds the first by it
+            rollout_id TEXT NOT NULL,
+            response_id TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            data JSON NOT NULL
+        )""",
+        "CREATE INDEX feedback_by_rollout ON feedback (rollout_id, seq)",
+        "CREATE INDEX feedback_by_response ON feedback (response_id, seq) WHERE response_id IS NOT NULL",
+        """CREATE TABLE canaries (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            canary_id TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL,
+            data JSON NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX canaries_one_active ON canaries (status) WHERE status = 'active'",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -40,6 +40,7 @@ from agentkiln.store import lifecycle
 from agentkiln.store.base import NotFoundError, Store
 from agentkiln.store.postgres import queries as q
 from agentkiln.store.postgres.connections import Conn, PostgresConnections
+from agentkiln.store.postgres.production import PostgresProduction
 from agentkiln.store.postgres.rows import (
     A_SELECT,
     R_SELECT,
@@ -64,7 +65,7 @@ UNHEARD_POLL_S = 0.25  # ... and this often while the listener is not connected
 LISTEN_START_S = 2.0  # a first wait gives the listener this long to connect
 
 
-class PostgresStore(PostgresConnections, Store):
+class PostgresStore(PostgresProduction, PostgresConnections, Store):
     """Store in a PostgreSQL database (URL `postgresql://user@host:port/db`, optional `?schema=name`)."""
 
     def __init__(
@@ -363,7 +364,7 @@ class PostgresStore(PostgresConnections, Store):
             await conn.execute(
                 RES_INSERT,
                 (res.resources_id, res.version, res.created_at, dumps(data["llms"]), dumps(data["prompts"]),
-                 dumps(data["metadata"])),
+                 dumps(data["metadata"]), res.candidate),
             )  # fmt: skip
             return res
 
@@ -380,12 +381,7 @@ class PostgresStore(PostgresConnections, Store):
         return await self._read(op)
 
     async def get_latest_resources(self) -> Resources | None:
-        async def op(conn: Conn) -> Resources | None:
-            cur = await conn.execute(f"SELECT {RES_SELECT} FROM resources ORDER BY version DESC LIMIT 1")
-            row = await cur.fetchone()
-            return resources_from_row(row) if row is not None else None
-
-        return await self._read(op)
+        return await self._read(q.latest_deployed)
 
     async def query_resources(self, *, limit: int = 100, offset: int = 0) -> list[Resources]:
         lifecycle.check_page(limit, offset)
