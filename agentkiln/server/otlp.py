@@ -5,7 +5,9 @@ export here with the standard OTLP exporter, protobuf or JSON. Each span must sa
 attempt it belongs to: span or resource attributes `kiln.rollout_id` / `kiln.attempt_id`
 (the runner's tracing helper and sidecar env set them), or the headers
 X-Kiln-Rollout-Id / X-Kiln-Attempt-Id. With only a rollout id the latest attempt is used.
-Spans are stored as SpanIn: times in seconds, attributes as plain JSON.
+Spans are stored as SpanIn: times in seconds, attributes as plain JSON. GenAI evaluation events
+(`gen_ai.evaluation.result`) also become feedback (otlp_feedback); a span naming no rollout is
+accepted when it carries only such verdicts (an evaluator's own span) and is not stored.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from agentkiln.models import MAX_NAME_LENGTH, SpanEvent, SpanIn, SpanStatus, now
-from agentkiln.protocol import Headers, SpanAttrs, principal_of
+from agentkiln.models import MAX_NAME_LENGTH, FeedbackIn, SpanEvent, SpanIn, SpanStatus, now
+from agentkiln.protocol import Headers, Role, SpanAttrs, principal_of
 from agentkiln.server.auth import check_span_writes
 from agentkiln.server.errors import error_responses
 from agentkiln.server.json_body import BodyProblem, is_json_media, parse_json
+from agentkiln.server.otlp_feedback import EVENT as EVALUATION_EVENT
+from agentkiln.server.otlp_feedback import evaluation_feedback, has_evaluations
 from agentkiln.store.base import NotFoundError, Store
 
 logger = logging.getLogger(__name__)
@@ -236,6 +240,7 @@ def build_otlp_router(get_store: GetStore | None = None, *, max_body_bytes: int 
         }
 
         pending: list[tuple[trace_pb2.Span, str, str | None, dict[str, Any], str]] = []
+        feedback: list[FeedbackIn] = []  # GenAI evaluation events (otlp_feedback)
         for rs in msg.resource_spans:
             resource = attributes(rs.resource.attributes)
             for ss in rs.scope_spans:
@@ -243,6 +248,12 @@ def build_otlp_router(get_store: GetStore | None = None, *, max_body_bytes: int 
                     span_attrs = attributes(span.attributes)
                     rid = _id((span_attrs, SpanAttrs.rollout_id), (resource, SpanAttrs.rollout_id), (header_ids, SpanAttrs.rollout_id))
                     aid = _id((span_attrs, SpanAttrs.attempt_id), (resource, SpanAttrs.attempt_id), (header_ids, SpanAttrs.attempt_id))
+                    events = [(e.name, attributes(e.attributes)) for e in span.events]
+                    if rid is None and has_evaluations(events):  # an evaluator's span: its verdicts only
+                        feedback += evaluation_feedback(
+                            events, span_attrs, trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), rollout_id=None
+                        )
+                        continue
                     if rid is None:
                         raise HTTPException(
                             400,
@@ -260,12 +271,18 @@ def build_otlp_router(get_store: GetStore | None = None, *, max_body_bytes: int 
             if key not in resolved:
                 resolved[key] = await _resolve_attempt(store, rid, aid)
             try:
-                spans.append(
-                    convert_span(span, rollout_id=rid, attempt_id=resolved[key], resource=resource, scope_name=scope)
-                )
+                converted = convert_span(span, rollout_id=rid, attempt_id=resolved[key], resource=resource, scope_name=scope)
             except ValueError as exc:  # pydantic validation of a malformed span
                 raise HTTPException(400, f"span {span.name!r}: {exc}") from exc
+            spans.append(converted)
+            events = [(e.name, e.attributes) for e in converted.events]
+            if has_evaluations(events):
+                feedback += evaluation_feedback(
+                    events, converted.attributes, trace_id=converted.trace_id, span_id=converted.span_id, rollout_id=rid
+                )
         check_span_writes(principal_of(request), spans)
+        if feedback and principal_of(request).role not in (Role.admin, Role.runner):
+            raise HTTPException(403, f"{EVALUATION_EVENT} events are feedback: they need the admin or runner key")
         if spans:
             # OTLP exporters retry whole batches: the app's RecentSpans (when present) drops re-sent spans.
             recent = getattr(request.app.state, "recent_spans", None)
@@ -276,7 +293,12 @@ def build_otlp_router(get_store: GetStore | None = None, *, max_body_bytes: int 
                     await store.add_spans(spans)
             except NotFoundError as exc:
                 raise HTTPException(404, str(exc)) from exc
-        logger.debug("OTLP intake stored %d span(s)", len(spans))
+        for item in feedback:  # after the spans: an evaluation may rate a span of this very batch
+            try:
+                await store.add_feedback(item)
+            except NotFoundError as exc:
+                raise HTTPException(404, str(exc)) from exc
+        logger.debug("OTLP intake stored %d span(s), %d evaluation(s)", len(spans), len(feedback))
         if is_json:
             return Response(content="{}", media_type="application/json")
         return Response(content=ExportTraceServiceResponse().SerializeToString(), media_type="application/x-protobuf")
