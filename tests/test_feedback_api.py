@@ -225,3 +225,19 @@ def test_otlp_evaluations_need_the_admin_or_runner_key(client: httpx.Client) -> 
     r = client.post("/v1/traces", json=export, headers=_auth(token))
     assert r.status_code == 403 and "feedback" in r.text
     assert _feedback(client) == []
+
+
+def test_kiln_serve_passes_the_feedback_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import agentkiln.cli.serve  # noqa: F401  (adds the command)
+    from agentkiln.cli.app import app
+
+    seen: dict = {}
+    monkeypatch.setattr("agentkiln.server.serve.serve", lambda store, **kw: seen.update(kw))
+    monkeypatch.setenv("KILN_FEEDBACK_KEY", "from-env")
+    result = CliRunner().invoke(app, ["serve", "--engine", "none", "--api-key", "a"])
+    assert result.exit_code == 0, result.output
+    assert seen["feedback_key"] == "from-env"
+    result = CliRunner().invoke(app, ["serve", "--engine", "none", "--api-key", "a", "--feedback-key", "flag"])
+    assert result.exit_code == 0 and seen["feedback_key"] == "flag"
