@@ -58,6 +58,7 @@ class ProductionDemoConfig:
     val_size: int = 32
     seed: int = 0
     run_dir: Path = Path("runs/production-demo")
+    model_dir: Optional[str] = None  # the served model's folder (None: SmolLM2)
 
 
 @dataclass
@@ -152,13 +153,6 @@ class ProductionDemo:
         resp.raise_for_status()
         return resp.json()
 
-    def publish_candidate(self, adapter: str, round_no: int) -> str:
-        body = {"candidate": True, "llms": {"main": {"model": self.model, "adapter_path": adapter}},
-                "metadata": {"source": "production-demo", "round": round_no}}
-        resp = self.http.post(api_url(self.server, "/resources"), json=body)
-        resp.raise_for_status()
-        return resp.json()["resources_id"]
-
     def start_canary(self, candidate: str) -> dict[str, Any]:
         c = self.config
         resp = self.http.post(api_url(self.server, CANARIES_PATH[len("/api/v1"):]), json={
@@ -184,7 +178,15 @@ class ProductionDemo:
 
     # ------------------------------------------------------------------ the loop
 
+    def deploy_base(self) -> None:
+        """Version 1 = the base model, unless something is deployed already (a canary needs a baseline)."""
+        if self.deployed() == "base":
+            resp = self.http.post(api_url(self.server, "/resources"), json={
+                "llms": {"main": {"model": self.model}}, "metadata": {"source": "production-demo", "base": True}})
+            resp.raise_for_status()
+
     def run(self, tasks: list[dict[str, Any]], val_tasks: list[dict[str, Any]]) -> list[RoundReport]:
+        self.deploy_base()
         reports = []
         canary_id: Optional[str] = None
         for round_no in range(self.config.rounds + 1):
@@ -203,9 +205,8 @@ class ProductionDemo:
                 break
             if active is None and round_no > 0:
                 report.trained = self._train_candidate(round_no)
-                adapter = report.trained.get("adapter")
-                if adapter:
-                    candidate = self.publish_candidate(adapter, round_no)
+                candidate = report.trained.get("resources_id")
+                if candidate:
                     canary_id = self.start_canary(candidate)["canary_id"]
                     self.wait_for_engine(canary_id, deployed)
                     report.canary = f"started {canary_id} with {candidate}"
@@ -245,10 +246,15 @@ class ProductionDemo:
 
 def train_production_sft(server: str, api_key: Optional[str], since: float, out: Path,
                          config: ProductionDemoConfig) -> dict[str, Any]:
-    """SFT on the well-rated production sessions since `since` (agentkiln/production/train.py)."""
+    """SFT on the well-rated production sessions since `since`, published as a candidate
+    (agentkiln/production/train.py); returns the result's summary."""
     from agentkiln.production.train import train_from_production_url
 
-    return asyncio.run(train_from_production_url(
-        server, api_key=api_key, since=since, out_dir=out, algorithm="sft",
-        settings={"sft.lr": config.lr, "sft.epochs": config.epochs, "feedback_name": FEEDBACK_NAME},
+    result = asyncio.run(train_from_production_url(
+        server, api_key=api_key, since=since, out_dir=out, algorithm="sft", publish=server,
+        settings={"sft.lr": config.lr, "sft.epochs": config.epochs, "dataset.names": [FEEDBACK_NAME],
+                  **({"model_dir": config.model_dir} if config.model_dir else {})},
     ))
+    report = result["report"]
+    return {"resources_id": result.get("resources_id"), "trained_on": result["trained_on"],
+            "sessions": report.get("sessions"), "adapter": result.get("adapter"), "elapsed_s": result.get("elapsed_s")}

@@ -71,6 +71,7 @@ class ModelSync:
         self.agent_weights_errors: dict[str, str] = {}  # agent -> why its weights in that version were refused
         # Canary: the active canary whose candidate weights are loaded (the gateway routes its share there).
         self.serving_canary: Canary | None = None
+        self.candidate_versions: frozenset[str] = frozenset()  # the version labels its weights answer with
         self._candidate_loaded: tuple[str, tuple[str, ...]] | None = None  # (resources id, engine keys)
         self.canary_error: str | None = None
 
@@ -154,7 +155,7 @@ class ModelSync:
         wanted = canary.candidate_resources_id if canary is not None else None
         loaded = self._candidate_loaded
         if loaded is not None and loaded[0] != wanted:
-            self.serving_canary = None
+            self.serving_canary, self.candidate_versions = None, frozenset()
             for key in loaded[1]:
                 await self.engine.unload_weights(key)
             self._candidate_loaded = None
@@ -166,7 +167,8 @@ class ModelSync:
             if self.canary_error is not None and self.canary_error.startswith(wanted + ":"):
                 return  # refused once; a new canary is needed
             try:
-                keys = await self._load_candidate(await self.store.get_resources(wanted))
+                candidate = await self.store.get_resources(wanted)
+                keys = await self._load_candidate(candidate)
             except Exception as exc:  # a candidate that cannot load is never served; the baseline is
                 self.canary_error = f"{wanted}: {exc}"
                 log.exception("canary candidate %s could not be loaded", wanted)
@@ -174,6 +176,9 @@ class ModelSync:
             if keys is None:
                 return
             self._candidate_loaded = (wanted, keys)
+            self.candidate_versions = frozenset(
+                [f"v{candidate.version}"] + [agent_version(a, candidate.version) for a in agent_weights(candidate)]
+            )
         self.serving_canary = canary
 
     async def _load_candidate(self, candidate: Resources) -> tuple[str, ...] | None:
@@ -196,6 +201,15 @@ class ModelSync:
 
     async def run_forever(self) -> None:
         while True:
+            # The canary first: an ended canary stops routing before its promotion's weights load.
+            try:
+                await self.sync_canary()
+            except asyncio.CancelledError:
+                raise
+            except NotImplementedError:  # a store without canaries
+                pass
+            except Exception:
+                log.exception("canary sync failed")
             try:
                 await self.sync_once()
                 self.load_error = None
@@ -205,12 +219,4 @@ class ModelSync:
                 if str(exc) != self.load_error:
                     log.exception("could not load published weights")
                 self.load_error = str(exc)
-            try:
-                await self.sync_canary()
-            except asyncio.CancelledError:
-                raise
-            except NotImplementedError:  # a store without canaries
-                pass
-            except Exception:
-                log.exception("canary sync failed")
             await asyncio.sleep(self.interval_s)

@@ -230,6 +230,7 @@ class GatewayCall:
             stream=bool(body.stream),
             session_id=session.session_id if session is not None else None,
             canary_id=session.canary_id if session is not None else None,
+            candidate_versions=session.candidate_versions if session is not None else frozenset(),
         )
         return cls(engine, target, ctx, request)
 

@@ -32,39 +32,40 @@ class SessionRoute:
     attempt_id: str = SESSION_ATTEMPT_ID
     recorded: bool = False
     canary_id: Optional[str] = None  # set when the candidate serves this call
+    candidate_versions: frozenset[str] = frozenset()  # its weights' version labels (a span names the canary only then)
 
 
 def _capture(request: Request) -> Optional[ProductionCapture]:
     return getattr(request.app.state, "production", None)
 
 
-def _canary(request: Request) -> Any:
-    sync = getattr(request.app.state, "model_sync", None)
-    return getattr(sync, "serving_canary", None)
+def _sync(request: Request) -> Any:
+    return getattr(request.app.state, "model_sync", None)
 
 
 async def production_session(request: Request, deps: Any, body: Any, engine_request: ChatRequest) -> Optional[SessionRoute]:
     """The session of a plain /v1 call (None when the server neither captures nor runs a canary)."""
-    capture, canary = _capture(request), _canary(request)
+    capture, sync = _capture(request), _sync(request)
+    canary = getattr(sync, "serving_canary", None)
     if capture is None or (not capture.config.enabled and canary is None):
         return None
     try:
         session_id = capture.session_of(request.headers, body.metadata, body.user, engine_request.messages)
     except SessionIdError as exc:
         raise invalid(str(exc)) from None
-    canary_id = None
+    canary_id, versions = None, frozenset()
     if serves_candidate(canary, session_id):
         engine_request.variant = CANDIDATE
-        canary_id = canary.canary_id
+        canary_id, versions = canary.canary_id, sync.candidate_versions
     store = deps.get_store(request)
     if store is None or not capture.config.enabled:
-        return SessionRoute(session_id, session_rollout_id(session_id), canary_id=canary_id)
+        return SessionRoute(session_id, session_rollout_id(session_id), canary_id=canary_id, candidate_versions=versions)
     try:
         target = await capture.target(store, session_id, request.headers)
     except Exception as exc:  # serving matters more than recording: answer, unrecorded, and say so in the log
         log.warning("production capture: session %s could not be opened (%s); call not recorded", session_id, exc)
-        return SessionRoute(session_id, session_rollout_id(session_id), canary_id=canary_id)
-    return SessionRoute(session_id, target.rollout_id, target.attempt_id, target.recorded, canary_id)
+        return SessionRoute(session_id, session_rollout_id(session_id), canary_id=canary_id, candidate_versions=versions)
+    return SessionRoute(session_id, target.rollout_id, target.attempt_id, target.recorded, canary_id, versions)
 
 
 def remember_answer(request: Request, ctx: Any, result: ChatResult) -> None:

@@ -59,7 +59,8 @@ class CallContext:
     start_time: float
     stream: bool = False
     session_id: Optional[str] = None  # production calls: the session recorded on
-    canary_id: Optional[str] = None  # served by this canary's candidate
+    canary_id: Optional[str] = None  # routed to this canary's candidate
+    candidate_versions: frozenset[str] = frozenset()  # what its weights answer as (else the canary had just ended)
 
 
 def _asked(req: ChatRequest, name: str) -> Any:
@@ -85,7 +86,7 @@ def _call(ctx: CallContext, **fields: Any) -> LLMCall:
         api=ctx.api,
         stream=ctx.stream,
         session_id=ctx.session_id,
-        canary_id=ctx.canary_id,
+        canary_id=ctx.canary_id if fields.get("model_version") in ctx.candidate_versions else None,
         **fields,
     )
 

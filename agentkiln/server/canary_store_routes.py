@@ -19,6 +19,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentkiln.models import MAX_NAME_LENGTH, MAX_OFFSET, Canary, CanaryDecision, CanaryIn
+from agentkiln.production.canary import with_promoted
 from agentkiln.protocol import API_PREFIX, CANARIES_PATH
 from agentkiln.server.errors import error_responses
 from agentkiln.server.json_body import JsonBodyRoute
@@ -67,18 +68,21 @@ async def query_canaries(
     limit: int = Query(default=100, ge=0, le=MAX_PAGE),
     offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ) -> list[Canary]:
-    return await _store(request).query_canaries(limit=limit, offset=offset)
+    store = _store(request)
+    return [await with_promoted(store, c) for c in await store.query_canaries(limit=limit, offset=offset)]
 
 
 @router.get(_PATH + "/active", response_model=Canary | None)
 async def get_active_canary(request: Request) -> Any:
     """The active canary, or null when none runs (as /resources/latest answers)."""
-    return await _store(request).get_active_canary()
+    return await _store(request).get_active_canary()  # active: never promoted yet
 
 
 @router.get(_PATH + "/{canary_id}", response_model=Canary, responses=error_responses(404))
 async def get_canary(request: Request, canary_id: str) -> Canary:
-    return await _store(request).get_canary(canary_id)
+    """A promoted canary names the deployed copy its promotion published (`promoted_resources_id`)."""
+    store = _store(request)
+    return await with_promoted(store, await store.get_canary(canary_id))
 
 
 @router.post(_PATH + "/{canary_id}/decisions", response_model=Canary, responses=error_responses(404, 409, 413, 415))
