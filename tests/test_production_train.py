@@ -124,3 +124,47 @@ def test_cli_explains_bad_production_options(store_db: Path, tmp_path: Path, arg
     assert res.exit_code != 0
     text = " ".join(re.sub("[│╭╮╰╯─]", " ", res.output).split())  # typer's error box, unwrapped
     assert message in text
+
+
+async def test_a_candidate_starts_from_the_deployed_adapter(tmp_path: Path, tiny_dir: str) -> None:
+    """warm_start: the learner begins at the deployed LoRA weights (a fresh adapter's B is zero)."""
+    from safetensors.torch import load_file
+
+    from agentkiln.algorithms.sft.config import SFTConfig
+    from agentkiln.training.learner import Learner
+
+    store = InMemoryStore(sweep_interval_s=None)
+    await fill_production(store, load_tokenizer(tiny_dir))
+    first = await train_from_production(
+        store, WINDOW_START,
+        ProductionTrainConfig(algorithm="sft", model_dir=tiny_dir, dataset=DatasetConfig(names=(NAME,)),
+                              sft=SFTConfig(lr=1e-2, **SMALL)),
+        tmp_path / "first",
+    )  # fmt: skip
+    await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="served", adapter_path=first.adapter)}))
+    learner = Learner(tiny_dir, SFTConfig(**SMALL))
+    learner.load_adapter(first.adapter)
+    saved = load_file(str(Path(first.adapter) / "adapter_model.safetensors"))
+    loaded = {k: v for k, v in learner.model.state_dict().items() if "lora_B" in k}
+    assert any(v.abs().sum() > 0 for v in loaded.values()), "the deployed adapter's weights were loaded"
+    assert sum(float(v.abs().sum()) for k, v in saved.items() if "lora_B" in k) == pytest.approx(
+        sum(float(v.abs().sum()) for v in loaded.values()), rel=1e-5
+    )
+
+    calls: list[str] = []
+    original = Learner.load_adapter
+
+    def spy(self: Learner, folder: str) -> None:
+        calls.append(str(folder))
+        original(self, folder)
+
+    Learner.load_adapter = spy  # type: ignore[method-assign]
+    try:
+        config = ProductionTrainConfig(algorithm="sft", model_dir=tiny_dir, dataset=DatasetConfig(names=(NAME,)),
+                                       sft=SFTConfig(lr=1e-2, **SMALL))
+        await train_from_production(store, WINDOW_START, config, tmp_path / "warm")
+        await train_from_production(store, WINDOW_START, ProductionTrainConfig(**{**config.__dict__, "warm_start": False}),
+                                    tmp_path / "cold")
+    finally:
+        Learner.load_adapter = original  # type: ignore[method-assign]
+    assert calls == [first.adapter]

@@ -43,6 +43,10 @@ def run_production_demo(config: Any, engine: str, console: Console) -> list[Any]
 
     run_dir: Path = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    if engine == "tiny" and config.model_dir is None:  # candidates must be trained on the model served
+        from agentkiln.engine.model_files import tiny_model_dir
+
+        config.model_dir = str(tiny_model_dir())
     tasks = make_tasks(200, seed=1, prefix="user")
     val = make_tasks(config.val_size, seed=2, prefix="val")
     console.print(
@@ -58,7 +62,7 @@ def run_production_demo(config: Any, engine: str, console: Console) -> list[Any]
         acc = ", ".join(f"{v}: {a:.2f}" for v, a in report.accuracy.items()) or "-"
         val_text = f"{report.val_accuracy:.3f}" if report.val_accuracy is not None else "(canary running)"
         console.print(
-            f"round {report.round}: deployed {report.deployed} | val acc {val_text} | traffic acc {acc}"
+            f"round {report.round}: deployed {report.deployed_version} | val acc {val_text} | traffic acc {acc}"
             + (f" | canary: {report.canary}" if report.canary else "")
             + f" | {report.elapsed_s:.0f}s"
         )
@@ -73,7 +77,7 @@ def run_production_demo(config: Any, engine: str, console: Console) -> list[Any]
         table.add_column(col)
     for r in reports:
         table.add_row(
-            str(r.round), r.deployed, f"{r.val_accuracy:.3f}" if r.val_accuracy is not None else "-",
+            str(r.round), r.deployed_version, f"{r.val_accuracy:.3f}" if r.val_accuracy is not None else "-",
             ", ".join(f"{v}: {a:.2f}" for v, a in r.accuracy.items()) or "-", r.canary or "",
         )
     console.print(table)

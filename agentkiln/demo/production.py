@@ -50,9 +50,14 @@ class ProductionDemoConfig:
     noise: float = 0.1  # chance a user's thumb is the wrong one
     temperature: float = 0.7  # the deployed agent samples, as deployed agents do
     canary_share: float = 0.5
-    min_samples: int = 24  # rated sessions per arm before the canary rule decides
-    confidence: float = 0.9
-    max_regression: float = 0.05
+    # The canary rule: with ~32 rated sessions per arm and round, lenient enough to promote a
+    # candidate as good as the deployed one within a round or two, strict enough to roll back a
+    # clearly worse one; no verdict after max_samples per arm rolls back (then retrain on more data).
+    min_samples: int = 24
+    max_samples: int = 64
+    confidence: float = 0.8
+    max_regression: float = 0.1
+    algorithm: str = "grpo"  # off-policy GRPO on the thumbs (sft / dpo also work)
     lr: float = 2e-4
     epochs: int = 2
     val_size: int = 32
@@ -65,7 +70,8 @@ class ProductionDemoConfig:
 class RoundReport:
     round: int
     deployed: str  # resources id serving the baseline arm
-    sessions: int
+    deployed_version: str = ""  # "v3", as spans name it ("base": the base model's weights)
+    sessions: int = 0
     accuracy: dict[str, float] = field(default_factory=dict)  # model version -> share of correct sessions
     thumbs_up: dict[str, float] = field(default_factory=dict)
     val_accuracy: Optional[float] = None  # deployed version, greedy, on the fixed validation set
@@ -88,7 +94,7 @@ class ProductionDemo:
         self.on_round = on_round or (lambda report: None)
         self.rng = random.Random(config.seed)
         self.http = httpx.Client(headers=auth_headers(api_key), timeout=600)
-        self.started = time.time()
+        self.started = self.trained_until = time.time()  # feedback before trained_until is in some candidate
 
     # ------------------------------------------------------------------ users
 
@@ -144,6 +150,10 @@ class ProductionDemo:
         resp = self.http.get(api_url(self.server, "/resources/latest"))
         return resp.json().get("resources_id", "base") if resp.status_code == 200 and resp.json() else "base"
 
+    def deployed_label(self) -> str:
+        """The deployed version as spans name it: the engine's main model version."""
+        return str(self.http.get(api_url(self.server, "/engine")).json().get("model_version"))
+
     def active_canary(self) -> Optional[dict[str, Any]]:
         resp = self.http.get(api_url(self.server, CANARIES_PATH[len("/api/v1"):] + "/active"))
         return resp.json() if resp.status_code == 200 else None
@@ -157,15 +167,16 @@ class ProductionDemo:
         c = self.config
         resp = self.http.post(api_url(self.server, CANARIES_PATH[len("/api/v1"):]), json={
             "candidate_resources_id": candidate, "share": c.canary_share,
-            "rule": {"metric": FEEDBACK_NAME, "min_samples": c.min_samples, "confidence": c.confidence,
-                     "max_regression": c.max_regression},
+            "rule": {"metric": FEEDBACK_NAME, "min_samples": c.min_samples, "max_samples": c.max_samples,
+                     "confidence": c.confidence, "max_regression": c.max_regression},
         })
         resp.raise_for_status()
         return resp.json()
 
-    def wait_for_engine(self, canary_id: Optional[str], deployed: str, timeout: float = 300) -> None:
+    def wait_for_engine(self, canary_id: Optional[str], deployed: str, timeout: float = 120) -> None:
         """Until the engine serves `deployed` (and the canary's candidate): else a round would measure the wrong weights."""
         deadline = time.monotonic() + timeout
+        status: dict[str, Any] = {}
         while time.monotonic() < deadline:
             status = self.http.get(api_url(self.server, "/engine")).json()
             ok = deployed == "base" or status.get("loaded_resources_id") == deployed
@@ -174,7 +185,7 @@ class ProductionDemo:
             if ok:
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"engine did not load {deployed} / canary {canary_id} in {timeout:.0f}s")
+        raise TimeoutError(f"engine did not load {deployed} / canary {canary_id} in {timeout:.0f}s: {status}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -192,7 +203,7 @@ class ProductionDemo:
         for round_no in range(self.config.rounds + 1):
             started = time.monotonic()
             deployed = self.deployed()
-            report = RoundReport(round=round_no, deployed=deployed, sessions=0)
+            report = RoundReport(round=round_no, deployed=deployed, deployed_version=self.deployed_label(), sessions=0)
             active = self.active_canary()
             canary_id = active["canary_id"] if active else None
             if active is None:  # no experiment running: measure what is deployed
@@ -238,22 +249,28 @@ class ProductionDemo:
             time.sleep(1.0)
 
     def _train_candidate(self, round_no: int) -> dict[str, Any]:
+        """A candidate from the feedback not trained on yet, starting from the deployed adapter."""
         out = self.config.run_dir / f"candidate-{round_no}"
+        since, self.trained_until = self.trained_until, time.time()
         if self.train is not None:
-            return self.train(self.started, out)
-        return train_production_sft(self.server, self.api_key, self.started, out, self.config)
+            return self.train(since, out)
+        return train_candidate(self.server, self.api_key, since, out, self.config)
 
 
-def train_production_sft(server: str, api_key: Optional[str], since: float, out: Path,
-                         config: ProductionDemoConfig) -> dict[str, Any]:
-    """SFT on the well-rated production sessions since `since`, published as a candidate
-    (agentkiln/production/train.py); returns the result's summary."""
+def train_candidate(server: str, api_key: Optional[str], since: float, out: Path,
+                    config: ProductionDemoConfig) -> dict[str, Any]:
+    """`config.algorithm` on the rated production sessions since `since`, published as a
+    candidate (agentkiln/production/train.py); returns the result's summary."""
     from agentkiln.production.train import train_from_production_url
 
+    algo = config.algorithm
+    settings: dict[str, Any] = {f"{algo}.lr": config.lr, "dataset.names": [FEEDBACK_NAME], "epochs": config.epochs}
+    if algo == "grpo":  # as `kiln demo`'s GRPO: LoRA r16, no KL
+        settings.update({"grpo.kl_coef": 0.0, "grpo.micro_batch_size": 8})
+    if config.model_dir:
+        settings["model_dir"] = config.model_dir
     result = asyncio.run(train_from_production_url(
-        server, api_key=api_key, since=since, out_dir=out, algorithm="sft", publish=server,
-        settings={"sft.lr": config.lr, "sft.epochs": config.epochs, "dataset.names": [FEEDBACK_NAME],
-                  **({"model_dir": config.model_dir} if config.model_dir else {})},
+        server, api_key=api_key, since=since, out_dir=out, algorithm=algo, publish=server, settings=settings,
     ))
     report = result["report"]
     return {"resources_id": result.get("resources_id"), "trained_on": result["trained_on"],

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
 from agentkiln.engine.base import ChatResult
+from agentkiln.engine.chat.messages import content_text
 from agentkiln.models import SESSION_ID_PATTERN
 from agentkiln.protocol import Headers
 
@@ -28,23 +29,6 @@ _SESSION_RE = re.compile(SESSION_ID_PATTERN)
 
 class SessionIdError(ValueError):
     """A client named a session id the store cannot key (the gateway answers 400)."""
-
-
-def _text(content: Any) -> str:
-    """Message content as text: strings as they are, content-part lists joined (images by URL)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict):
-                parts.append(str(part.get("text") or part.get("image_url") or part.get("input_text") or ""))
-            else:
-                parts.append(str(part))
-        return "".join(parts)
-    return str(content)
 
 
 def _arguments(arguments: Any) -> str:
@@ -64,7 +48,7 @@ def _canonical(message: Mapping[str, Any]) -> list[Any]:
         if isinstance(call, dict):
             fn = call.get("function") or call
             calls.append([str(fn.get("name")), _arguments(fn.get("arguments"))])
-    return [str(message.get("role")), _text(message.get("content")), calls]
+    return [str(message.get("role")), content_text(message.get("content")), calls]
 
 
 class _Digest:

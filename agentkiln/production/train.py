@@ -50,6 +50,8 @@ class ProductionTrainConfig:
     epochs: passes over the data; None keeps each algorithm's own (sft.epochs, dpo.epochs; GRPO 1).
     batch_size: GRPO transitions per update (SFT and DPO batch with their own batch_size).
     model: the model name the published candidate names (None: the deployed version's).
+    warm_start: start from the deployed version's LoRA adapter when it has one (a candidate is the
+        deployed model improved by the new feedback); False: a fresh adapter on the base model.
     """
 
     algorithm: Algorithm = "sft"
@@ -61,6 +63,7 @@ class ProductionTrainConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(max_importance_weight=DEFAULT_MAX_IMPORTANCE_WEIGHT))
     model: str | None = None
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("sft", "dpo", "grpo"):
@@ -105,7 +108,7 @@ class ProductionTrainResult(BaseModel):
 
 
 def _train(
-    config: ProductionTrainConfig, data: ProductionDataset, out: Path
+    config: ProductionTrainConfig, data: ProductionDataset, out: Path, init_adapter: str | None = None
 ) -> tuple[int, list[dict[str, float]], str | None]:
     """(examples trained on, metrics, adapter folder): the learner part, run off the event loop."""
     from agentkiln.engine.model_files import smollm2_dir
@@ -117,14 +120,24 @@ def _train(
         return 0, [], None
     model_dir = config.model_dir or smollm2_dir()
     metrics: list[dict[str, float]] = []
+    learner_config = {
+        "sft": replace(config.sft, epochs=config.epochs or config.sft.epochs),
+        "dpo": replace(config.dpo, epochs=config.epochs or config.dpo.epochs),
+        "grpo": config.grpo,
+    }[config.algorithm]
+    learner = Learner(model_dir, learner_config)
+    if init_adapter is not None and learner_config.lora is not None:
+        try:
+            learner.load_adapter(init_adapter)
+            log.info("production %s: starting from the deployed adapter %s", config.algorithm, init_adapter)
+        except (OSError, ValueError, RuntimeError) as exc:  # another LoRA layout, or not an adapter
+            log.warning("production %s: cannot start from %s (%s); training a fresh adapter", config.algorithm,
+                        init_adapter, exc)  # fmt: skip
     if config.algorithm == "sft":
-        learner = Learner(model_dir, replace(config.sft, epochs=config.epochs or config.sft.epochs))
         metrics.append(learner.update(data.sft))
     elif config.algorithm == "dpo":
-        learner = Learner(model_dir, replace(config.dpo, epochs=config.epochs or config.dpo.epochs))
         metrics.append(learner.update_pairs([p.as_tuple() for p in data.dpo]))
     else:
-        learner = Learner(model_dir, config.grpo)
         for _ in range(config.epochs or 1):
             for i in range(0, len(data.grpo), config.batch_size):
                 metrics.append(learner.update(data.grpo[i : i + config.batch_size]))
@@ -185,7 +198,12 @@ async def train_from_production(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config.model_dir or smollm2_dir())
     data = await load_production_dataset(store, since_ts, config.dataset, tokenizer)
-    trained_on, metrics, adapter = await asyncio.to_thread(_train, config, data, out)
+    init = None
+    if config.warm_start:
+        deployed = await store.get_latest_resources()
+        main = deployed.main_llm() if deployed is not None else None
+        init = main.adapter_path if main is not None else None
+    trained_on, metrics, adapter = await asyncio.to_thread(_train, config, data, out, init)
     result = ProductionTrainResult(
         algorithm=config.algorithm,
         since=since_ts,

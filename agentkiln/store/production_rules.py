@@ -197,6 +197,20 @@ def feedback_matches(fb: Feedback, *, rollout_id: str | None, response_id: str |
     )
 
 
+def feedback_query_sql(
+    data_column: str, *, rollout_id: str | None, response_id: str | None, since: float | None, mark: str
+) -> tuple[str, list[Any]]:
+    """The databases' feedback page query (`mark`: the driver's placeholder); args end before limit, offset."""
+    where, args = [], []
+    for column, op, value in (("rollout_id", "=", rollout_id), ("response_id", "=", response_id),
+                              ("created_at", ">=", since)):  # fmt: skip
+        if value is not None:
+            where.append(f"{column} {op} {mark}")
+            args.append(value)
+    sql = f"SELECT {data_column} FROM feedback" + (" WHERE " + " AND ".join(where) if where else "")
+    return sql + f" ORDER BY seq LIMIT {mark} OFFSET {mark}", args
+
+
 # --------------------------------------------------------------------------- canaries
 
 

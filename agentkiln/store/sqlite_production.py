@@ -153,13 +153,9 @@ class SqliteProduction:
         rid, possible = production_rules.feedback_filter(session_id=session_id, rollout_id=rollout_id)
         if not possible:
             return []
-        where, args = [], []
-        for clause, value in (("rollout_id = ?", rid), ("response_id = ?", response_id), ("created_at >= ?", since)):
-            if value is not None:
-                where.append(clause)
-                args.append(value)
-        sql = "SELECT data FROM feedback" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY seq LIMIT ? OFFSET ?"
+        sql, args = production_rules.feedback_query_sql(
+            "data", rollout_id=rid, response_id=response_id, since=since, mark="?"
+        )
 
         def op(conn: sqlite3.Connection) -> list[Feedback]:
             return [Feedback.model_validate_json(row[0]) for row in conn.execute(sql, (*args, limit, offset))]

@@ -392,6 +392,18 @@ class Learner:
                 shutil.rmtree(tmp, ignore_errors=True)
         return path
 
+    def load_adapter(self, folder: str | Path) -> None:
+        """Start from a served LoRA adapter (e.g. the deployed version) instead of a fresh one;
+        it must have this learner's LoRA layout (same r, alpha, target modules)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if self.config.lora is None:
+            raise ValueError("load_adapter needs a LoRA learner (this one trains all weights)")
+        result = set_peft_model_state_dict(self.model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter {folder} does not match the LoRA layout: {result.unexpected_keys[:5]}")
+
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore policy weights, optimizer state and step written by `checkpoint`."""
         from safetensors.torch import load_file
@@ -399,11 +411,7 @@ class Learner:
         path = Path(path)
         policy = path / POLICY_DIR
         if self.config.lora is not None:
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(self.model, load_file(str(policy / "adapter_model.safetensors")))
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"checkpoint does not match the LoRA layout: {result.unexpected_keys[:5]}")
+            self.load_adapter(policy)
         else:
             weights: dict[str, torch.Tensor] = {}
             for f in sorted(policy.glob("*.safetensors")):

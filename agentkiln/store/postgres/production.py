@@ -180,13 +180,9 @@ class PostgresProduction:
         rid, possible = production_rules.feedback_filter(session_id=session_id, rollout_id=rollout_id)
         if not possible:
             return []
-        where, args = [], []
-        for clause, value in (("rollout_id = %s", rid), ("response_id = %s", response_id), ("created_at >= %s", since)):
-            if value is not None:
-                where.append(clause)
-                args.append(value)
-        sql = "SELECT data::text FROM feedback" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY seq LIMIT %s OFFSET %s"
+        sql, args = production_rules.feedback_query_sql(
+            "data::text", rollout_id=rid, response_id=response_id, since=since, mark="%s"
+        )
 
         async def op(conn: Conn) -> list[Feedback]:
             cur = await conn.execute(sql, (*args, limit, offset))
