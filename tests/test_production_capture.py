@@ -223,8 +223,8 @@ def test_concurrent_first_calls_of_a_session_open_it_once() -> None:
     store = CountingStore(sweep_interval_s=None)
 
     async def main() -> None:
-        await asyncio.gather(*(capture.target(store, "s", {}) for _ in range(10)))
-        await capture.target(store, "s", {})
+        await asyncio.gather(*(capture.records(store, "s", {}) for _ in range(10)))
+        await capture.records(store, "s", {})
 
     asyncio.run(main())
     assert calls == ["s"]

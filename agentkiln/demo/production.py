@@ -28,6 +28,7 @@ import httpx
 from agentkiln.demo.agent import score, solve
 from agentkiln.protocol import (
     CANARIES_PATH,
+    ENGINE_STATUS_PATH,
     FEEDBACK_PATH,
     Headers,
     LLMCall,
@@ -111,7 +112,7 @@ class ProductionDemo:
         final = solve(self._client(session_id), self.model, task["question"], temperature=self.config.temperature)
         correct = score(task, final) == 1.0
         thumbs_up = correct if thumb_noise >= self.config.noise else not correct
-        resp = self.http.post(api_url(self.server, FEEDBACK_PATH[len("/api/v1"):]), json={
+        resp = self.http.post(self.server + FEEDBACK_PATH, json={
             "session_id": session_id, "name": FEEDBACK_NAME, "value": thumbs_up,
             "client_id": f"{session_id}:thumbs", "source": "simulated",
         })
@@ -152,20 +153,20 @@ class ProductionDemo:
 
     def deployed_label(self) -> str:
         """The deployed version as spans name it: the engine's main model version."""
-        return str(self.http.get(api_url(self.server, "/engine")).json().get("model_version"))
+        return str(self.http.get(self.server + ENGINE_STATUS_PATH).json().get("model_version"))
 
     def active_canary(self) -> Optional[dict[str, Any]]:
-        resp = self.http.get(api_url(self.server, CANARIES_PATH[len("/api/v1"):] + "/active"))
+        resp = self.http.get(f"{self.server}{CANARIES_PATH}/active")
         return resp.json() if resp.status_code == 200 else None
 
     def canary(self, canary_id: str) -> dict[str, Any]:
-        resp = self.http.get(api_url(self.server, f"{CANARIES_PATH[len('/api/v1'):]}/{canary_id}"))
+        resp = self.http.get(f"{self.server}{CANARIES_PATH}/{canary_id}")
         resp.raise_for_status()
         return resp.json()
 
     def start_canary(self, candidate: str) -> dict[str, Any]:
         c = self.config
-        resp = self.http.post(api_url(self.server, CANARIES_PATH[len("/api/v1"):]), json={
+        resp = self.http.post(self.server + CANARIES_PATH, json={
             "candidate_resources_id": candidate, "share": c.canary_share,
             "rule": {"metric": FEEDBACK_NAME, "min_samples": c.min_samples, "max_samples": c.max_samples,
                      "confidence": c.confidence, "max_regression": c.max_regression},
@@ -178,7 +179,7 @@ class ProductionDemo:
         deadline = time.monotonic() + timeout
         status: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            status = self.http.get(api_url(self.server, "/engine")).json()
+            status = self.http.get(self.server + ENGINE_STATUS_PATH).json()
             ok = deployed == "base" or status.get("loaded_resources_id") == deployed
             if canary_id is not None:
                 ok = ok and status.get("canary_id") == canary_id

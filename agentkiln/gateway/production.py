@@ -8,6 +8,7 @@ read per call here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -57,15 +58,16 @@ async def production_session(request: Request, deps: Any, body: Any, engine_requ
     if serves_candidate(canary, session_id):
         engine_request.variant = CANDIDATE
         canary_id, versions = canary.canary_id, sync.candidate_versions
+    route = SessionRoute(session_id, session_rollout_id(session_id), canary_id=canary_id, candidate_versions=versions)
     store = deps.get_store(request)
     if store is None or not capture.config.enabled:
-        return SessionRoute(session_id, session_rollout_id(session_id), canary_id=canary_id, candidate_versions=versions)
+        return route
     try:
-        target = await capture.target(store, session_id, request.headers)
+        recorded = await capture.records(store, session_id, request.headers)
     except Exception as exc:  # serving matters more than recording: answer, unrecorded, and say so in the log
         log.warning("production capture: session %s could not be opened (%s); call not recorded", session_id, exc)
-        return SessionRoute(session_id, session_rollout_id(session_id), canary_id=canary_id, candidate_versions=versions)
-    return SessionRoute(session_id, target.rollout_id, target.attempt_id, target.recorded, canary_id, versions)
+        return route
+    return dataclasses.replace(route, recorded=recorded)
 
 
 def remember_answer(request: Request, ctx: Any, result: ChatResult) -> None:

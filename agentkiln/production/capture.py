@@ -20,7 +20,7 @@ from agentkiln.models import AttemptedRollout
 from agentkiln.production.assignment import session_bucket
 from agentkiln.production.redaction import Redactor
 from agentkiln.production.sessions import SessionResolver
-from agentkiln.protocol import Headers, SESSION_ATTEMPT_ID, session_rollout_id
+from agentkiln.protocol import Headers
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,6 @@ class CaptureConfig:
             raise ValueError(f"retention_days must be positive, got {self.retention_days}")
 
 
-@dataclass(frozen=True)
-class SessionTarget:
-    """Where a captured call goes."""
-
-    session_id: str
-    rollout_id: str
-    attempt_id: str = SESSION_ATTEMPT_ID
-    recorded: bool = True
-
-
 @dataclass
 class ProductionCapture:
     config: CaptureConfig = field(default_factory=CaptureConfig)
@@ -80,14 +70,14 @@ class ProductionCapture:
     ) -> str:
         return self.resolver.resolve(headers, metadata, user, messages)[0]
 
-    async def target(self, store: Store, session_id: str, headers: Mapping[str, str]) -> SessionTarget:
-        """The session's rollout, opened in the store on its first recorded call (one write per session)."""
-        rollout_id = session_rollout_id(session_id)
+    async def records(self, store: Store, session_id: str, headers: Mapping[str, str]) -> bool:
+        """Whether this call is recorded; its session's rollout is opened in the store on its first
+        recorded call (one write per session)."""
         if not self.config.enabled or self.opted_out(headers) or not self.sampled(session_id):
-            return SessionTarget(session_id, rollout_id, recorded=False)
+            return False
         if session_id not in self._opened:
             await self._open(store, session_id)
-        return SessionTarget(session_id, rollout_id)
+        return True
 
     async def _open(self, store: Store, session_id: str) -> None:
         pending = self._opening.get(session_id)
