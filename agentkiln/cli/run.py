@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 import typer
 
@@ -44,6 +45,19 @@ def run(
     ),
     otel: bool = typer.Option(False, "--otel", help="Export OpenTelemetry spans of the agent to the server."),
     heartbeat_s: float = typer.Option(5.0, "--heartbeat-s", min=0.05, help="Attempt heartbeat interval."),
+    ray: bool = typer.Option(False, "--ray", help="Run the workers as Ray actors (pip install 'agentkiln[ray]')."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: a local one)."
+    ),
+    ray_num_cpus: float = typer.Option(1.0, "--ray-num-cpus", min=0.0, help="CPUs each Ray actor asks for."),
+    ray_num_gpus: float = typer.Option(0.0, "--ray-num-gpus", min=0.0, help="GPUs each Ray actor asks for."),
+    ray_memory_mb: int | None = typer.Option(None, "--ray-memory-mb", min=1, help="Memory each Ray actor asks for."),
+    ray_resource: list[str] = typer.Option(
+        [], "--ray-resource", help="NAME=AMOUNT: a custom Ray resource each actor asks for (repeatable)."
+    ),
+    ray_working_dir: str | None = typer.Option(
+        None, "--ray-working-dir", help="Folder Ray ships to the actors' nodes (runtime_env working_dir)."
+    ),
 ) -> None:
     """Take rollouts from the server's queue and run the agent on them until stopped (Ctrl-C: finish, twice: kill)."""
     from agentkiln.runner.runner import Runner
@@ -60,6 +74,22 @@ def run(
         from agentkiln.runner.agent import import_agent
 
         import_agent(agent_ref)  # fail fast here, not in every worker process
+    if ray:
+        runner: Any = _ray_runner(
+            agent,
+            server,
+            workers=workers,
+            address=ray_address,
+            options=_ray_options(ray_num_cpus, ray_num_gpus, ray_memory_mb, ray_resource, ray_working_dir),
+            max_rollouts=max_rollouts,
+            until_empty=until_empty,
+            api_key=api_key,
+            otel=otel,
+            heartbeat_s=heartbeat_s,
+        )
+        log.info("running %s with %d Ray actor(s) against %s", agent_ref or command, workers, server)
+        typer.echo(f"{runner.run()} attempt(s) run")
+        return
     runner = Runner(
         agent,
         server,
@@ -74,3 +104,36 @@ def run(
     log.info("running %s with %d %s worker(s) against %s", agent_ref or command, workers, mode, server)
     done = runner.run()
     typer.echo(f"{done} attempt(s) run")
+
+
+def _ray_options(
+    num_cpus: float, num_gpus: float, memory_mb: int | None, resources: list[str], working_dir: str | None
+) -> Any:
+    from agentkiln.runner.ray_runner import RayActorOptions
+
+    custom: dict[str, float] = {}
+    for item in resources:
+        name, sep, amount = item.partition("=")
+        try:
+            custom[name.strip()] = float(amount) if sep else 1.0
+        except ValueError:
+            raise typer.BadParameter(f"--ray-resource {item!r}: give NAME=AMOUNT, e.g. browser_host=1") from None
+        if not name.strip() or custom[name.strip()] <= 0:
+            raise typer.BadParameter(f"--ray-resource {item!r}: give NAME=AMOUNT with AMOUNT > 0")
+    return RayActorOptions(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        memory=memory_mb * 2**20 if memory_mb else None,
+        resources=custom,
+        runtime_env={"working_dir": working_dir} if working_dir else None,
+    )
+
+
+def _ray_runner(agent: Any, server: str, *, workers: int, heartbeat_s: float, **kwargs: Any) -> Any:
+    from agentkiln.runner.ray_runner import RayRunner
+    from agentkiln.runner.worker import WorkerConfig
+
+    try:
+        return RayRunner(agent, server, n_workers=workers, config=WorkerConfig(heartbeat_s=heartbeat_s), **kwargs)
+    except (RuntimeError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None

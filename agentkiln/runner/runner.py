@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 from dataclasses import replace
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from agentkiln.runner.agent import BaseAgent, as_agent, import_agent
 from agentkiln.runner.worker import RolloutWorker, WorkerConfig, default_worker_id
@@ -41,11 +41,11 @@ def open_runner_store(url: str, api_key: str | None = None) -> Store:
     return open_store(url)
 
 
-def _load_agent(spec: AgentSpec) -> BaseAgent:
+def load_agent(spec: AgentSpec) -> BaseAgent:
     return import_agent(spec) if isinstance(spec, str) else as_agent(spec)
 
 
-class _Budget:
+class RolloutBudget:
     """Shared count of rollouts still to take (None = unlimited); process-safe when given mp primitives."""
 
     def __init__(self, value: Any, lock: Any):
@@ -67,7 +67,7 @@ class _Budget:
                 self.value.value += 1
 
 
-class _Box:
+class BudgetCount:
     def __init__(self, value: int):
         self.value = value
 
@@ -138,13 +138,13 @@ class Runner:
         """Run in-process workers on the current event loop; returns attempts run."""
         if self.mode != "thread":
             raise RuntimeError("arun() is for mode='thread'; use run() for processes")
-        agent = _load_agent(self.agent)
+        agent = load_agent(self.agent)
         owns_store = isinstance(self.store, str)
         store = open_runner_store(self.store, self.config.api_key) if isinstance(self.store, str) else self.store
         lock = threading.Lock()
-        budget = _Budget(_Box(-1 if self.max_rollouts is None else self.max_rollouts), lock)
+        budget = RolloutBudget(BudgetCount(-1 if self.max_rollouts is None else self.max_rollouts), lock)
         await agent.prepare()  # once, before workers race to do it
-        config = _with_tracing(self.config) if self.otel else self.config
+        config = with_tracing(self.config) if self.otel else self.config
         workers = [
             RolloutWorker(agent, store, worker_id=self._worker_id(i), config=config) for i in range(self.n_workers)
         ]
@@ -213,35 +213,43 @@ class Runner:
         return int(sum(counts[:]))
 
     def _install_signal_handlers(self) -> Any:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        presses = {"n": 0}
+        def terminate(force: bool) -> None:
+            for p in self._procs:
+                if p.is_alive():
+                    p.kill() if force else p.terminate()
 
-        def handle(signum: int, frame: Any) -> None:
-            presses["n"] += 1
-            if presses["n"] == 1:
-                logger.info("stopping: workers finish their current rollout (again to terminate)")
-                self.stop()
-            elif presses["n"] == 2:
-                logger.warning("terminating worker processes (abandoning their current rollouts)")
-                for p in self._procs:
-                    if p.is_alive():
-                        p.terminate()
-            else:
-                for p in self._procs:
-                    if p.is_alive():
-                        p.kill()
-
-        old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def restore() -> None:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-        return restore
+        return install_stop_signals(self.stop, terminate)
 
 
-def _with_tracing(config: WorkerConfig) -> WorkerConfig:
+def install_stop_signals(stop: Callable[[], None], terminate: Callable[[bool], None]) -> Callable[[], None]:
+    """First Ctrl-C / SIGTERM: stop() (workers finish their attempt); second: terminate(False); then terminate(True).
+
+    Returns the function that puts the previous handlers back; a no-op off the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    presses = {"n": 0}
+
+    def handle(signum: int, frame: Any) -> None:
+        presses["n"] += 1
+        if presses["n"] == 1:
+            logger.info("stopping: workers finish their current rollout (again to terminate)")
+            stop()
+        else:
+            if presses["n"] == 2:
+                logger.warning("terminating workers (abandoning their current rollouts)")
+            terminate(presses["n"] > 2)
+
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def with_tracing(config: WorkerConfig) -> WorkerConfig:
     """Install the OTLP exporter to the server and flush it after each attempt."""
     if not config.gateway_url:
         logger.warning("otel=True needs a server URL to export to; tracing not set up")
@@ -250,6 +258,15 @@ def _with_tracing(config: WorkerConfig) -> WorkerConfig:
 
     provider = setup_tracing(config.gateway_url, api_key=config.api_key)
     return replace(config, after_attempt=lambda: provider.force_flush(5_000))
+
+
+def configure_worker_logging() -> None:
+    """Log lines of a worker process (a spawned process or a Ray actor): level from KILN_LOG_LEVEL."""
+    logging.basicConfig(
+        level=os.environ.get("KILN_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll/heartbeat drowns the agent's logs
 
 
 def _process_main(
@@ -276,15 +293,11 @@ def _process_main(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    logging.basicConfig(
-        level=os.environ.get("KILN_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll/heartbeat drowns the agent's logs
-    agent = _load_agent(agent_spec)
+    configure_worker_logging()
+    agent = load_agent(agent_spec)
     if otel:
-        config = _with_tracing(config)
-    budget = _Budget(budget_value, budget_value.get_lock())
+        config = with_tracing(config)
+    budget = RolloutBudget(budget_value, budget_value.get_lock())
 
     async def main() -> int:
         store = open_runner_store(store_url, config.api_key)

@@ -37,7 +37,15 @@ class Trainer:
         port: int = 0,
         on_event: Optional[Callable[[str, dict[str, Any]], None]] = None,
         report_to: Union[str, Sequence[str], None] = "none",
+        runners: str = "local",
+        ray_address: Optional[str] = None,
+        ray_options: Any = None,
     ) -> None:
+        """runners: "local" (workers in this process, `runner_mode` thread or process) or "ray"
+        (n_runners Ray actors: a local Ray instance, or the cluster at `ray_address`; per-actor
+        resource hints in `ray_options`, a RayActorOptions)."""
+        if runners not in ("local", "ray"):
+            raise ValueError(f"runners must be 'local' or 'ray', got {runners!r}")
         self.algorithm = algorithm
         self.n_runners = n_runners
         self.runner_mode = runner_mode
@@ -51,6 +59,9 @@ class Trainer:
         self.port = port
         self.on_event = on_event or (lambda kind, data: None)
         self.report_to = report_to  # experiment trackers, as TRL's report_to: "tensorboard" or "none"
+        self.runners = runners
+        self.ray_address = ray_address
+        self.ray_options = ray_options
         self._server: Any = None
         self._engine_obj: Optional[Engine] = None
 
@@ -95,12 +106,11 @@ class Trainer:
         agent=None: runners are started elsewhere (`kiln run ... --server URL`); only the
         algorithm runs here.
         """
-        from agentkiln.runner.runner import Runner
-
         url = self.server_url or self.start_server()
-        runner = runner_thread = None
+        runner: Any = None
+        runner_thread = None
         if agent is not None:
-            runner = Runner(agent, url, n_workers=self.n_runners, mode=self.runner_mode, api_key=self.runner_key or self.api_key)  # type: ignore[arg-type]
+            runner = self._runner(agent, url)
             runner_thread = threading.Thread(target=runner.run, name="kiln-runners", daemon=True)
             runner_thread.start()
         try:
@@ -111,6 +121,18 @@ class Trainer:
                 runner_thread.join(timeout=120)
             if self.server_url is None:
                 self.stop_server()
+
+    def _runner(self, agent: Any, url: str) -> Any:
+        key = self.runner_key or self.api_key
+        if self.runners == "ray":
+            from agentkiln.runner.ray_runner import RayRunner
+
+            return RayRunner(
+                agent, url, n_workers=self.n_runners, address=self.ray_address, options=self.ray_options, api_key=key
+            )
+        from agentkiln.runner.runner import Runner
+
+        return Runner(agent, url, n_workers=self.n_runners, mode=self.runner_mode, api_key=key)  # type: ignore[arg-type]
 
     async def _run_algorithm(
         self, url: str, train_data: Sequence[Any], val_data: Optional[Sequence[Any]]
