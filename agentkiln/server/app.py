@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -41,12 +42,24 @@ from agentkiln.store.base import Store
 log = logging.getLogger(__name__)
 
 
-async def sweep_timeouts(store: Store, interval_s: float) -> None:
+@dataclass
+class SweepStats:
+    """What this server's background sweep did, for /metrics: replicas on one store each report their own
+    (on PostgreSQL one sweeps at a time and each attempt is ended once, so their counts never overlap)."""
+
+    runs: int = 0
+    changed_attempts: int = 0
+
+
+async def sweep_timeouts(store: Store, interval_s: float, stats: SweepStats | None = None) -> None:
     """Runs the store's timeout/heartbeat sweep forever; a failing sweep is logged, never fatal."""
+    stats = stats if stats is not None else SweepStats()
     while True:
         await asyncio.sleep(interval_s)
         try:
             changed = await store.check_timeouts()
+            stats.runs += 1
+            stats.changed_attempts += len(changed)
             if changed:
                 log.info("timeout sweep changed %d attempt(s)", len(changed))
         except Exception:
@@ -85,7 +98,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks: list[asyncio.Task[None]] = []
         if sweep_interval_s > 0:
-            tasks.append(asyncio.create_task(sweep_timeouts(store, sweep_interval_s), name="kiln-timeout-sweep"))
+            sweep = sweep_timeouts(store, sweep_interval_s, app.state.sweep_stats)
+            tasks.append(asyncio.create_task(sweep, name="kiln-timeout-sweep"))
         # The engine may be attached after create_app (kiln serve does): look it up at start-up.
         if app.state.engine is not None and model_sync_interval_s > 0:
             app.state.model_sync = ModelSync(store, app.state.engine, model_sync_interval_s, app.state.weights_policy)
@@ -105,6 +119,7 @@ def create_app(
 
     app = FastAPI(title="AgentKiln", version="0.1.0", lifespan=lifespan)
     app.state.store = store
+    app.state.sweep_stats = SweepStats()
     app.state.recent_spans = RecentSpans()  # routes that write spans (store API, OTLP intake) share it
     app.state.engine = engine  # the gateway reads it per request, so it may also be set later
     app.state.model_sync = None
@@ -126,7 +141,8 @@ def create_app(
     install_gateway(app)  # ahead of every other route
 
     # Added innermost first: a request passes error catcher -> auth -> body limit -> idempotency -> routes.
-    app.add_middleware(IdempotencyMiddleware)
+    # Answers to retried writes: in the store's database when replicas share it, else in this process.
+    app.add_middleware(IdempotencyMiddleware, cache=store.idempotency_cache())
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(

@@ -4,8 +4,9 @@ The HTTP client retries a write when the answer is lost (connection reset, timeo
 this, a retried enqueue makes two rollouts and a retried dequeue hands out a second rollout
 while the first sits "running" until it times out. The server remembers the answer to each
 keyed write for a while and sends the same answer again; a retry that arrives while the
-first request is still running waits for it. The memory is per process: a retry that reaches
-a restarted server runs again. Spans get a second guard keyed by their own ids (RecentSpans),
+first request is still running waits for it. Where the answers live is an IdempotencyCache
+(store/idempotency.py): this process's memory for one server (a retry that reaches a restarted
+server runs again), or the store's database when replicas share it (PostgreSQL). Spans get a second guard keyed by their own ids (RecentSpans),
 which also covers senders that send no key, such as OpenTelemetry exporters.
 
 Both memories are bounded by approximate bytes (what they hold, plus a fixed cost per entry)
@@ -20,13 +21,15 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, Sequence, TypeVar
+from typing import Any, Generic, Hashable, Sequence, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentkiln.models import Span, SpanIn
 from agentkiln.protocol import Headers
+from agentkiln.server.errors import send_error
 from agentkiln.store.base import Store
+from agentkiln.store.idempotency import IdempotencyBusy, IdempotencyCache, IdempotencyKey, StoredAnswer
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +88,6 @@ class ByteLRU(Generic[K, V]):
 
 
 @dataclass
-class _Answer:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    expires: float
-
-
-@dataclass
 class _Capture:
     status: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -100,33 +95,44 @@ class _Capture:
     size: int = 0
     complete: bool = False
 
+    def answer(self) -> StoredAnswer | None:
+        """What a retry may be given: a complete answer that is no server error and not too big."""
+        if not self.complete or self.status >= 500 or self.size > _MAX_CACHED_BODY:
+            return None
+        return StoredAnswer(self.status, self.headers, b"".join(self.chunks))
+
+
+class MemoryIdempotencyCache:
+    """Answers in this process (one server): ttl_s, within max_bytes and max_entries, LRU out first."""
+
+    def __init__(self, *, max_entries: int = 10_000, max_bytes: int = DEFAULT_MAX_BYTES, ttl_s: float = 600.0) -> None:
+        self.ttl_s = ttl_s
+        self.answers: ByteLRU[IdempotencyKey, tuple[StoredAnswer, float]] = ByteLRU(max_bytes, max_entries)
+        self._inflight: dict[IdempotencyKey, asyncio.Event] = {}
+
+    async def begin(self, key: IdempotencyKey) -> StoredAnswer | None:
+        while (pending := self._inflight.get(key)) is not None:
+            await pending.wait()
+        item = self.answers.get(key)
+        if item is not None and item[1] >= time.monotonic():
+            return item[0]
+        if item is not None:
+            self.answers.pop(key)
+        self._inflight[key] = asyncio.Event()
+        return None
+
+    async def finish(self, key: IdempotencyKey, answer: StoredAnswer | None) -> None:
+        if answer is not None:
+            self.answers.put(key, (answer, time.monotonic() + self.ttl_s), answer.nbytes() + key.nbytes())
+        self._inflight.pop(key).set()
+
 
 class IdempotencyMiddleware:
-    """Replays answers for ttl_s (10 min: longer than any client's retry loop), within max_bytes (64 MiB)."""
+    """Replays answers to keyed writes from `cache` (default: this process's memory, see MemoryIdempotencyCache)."""
 
-    def __init__(
-        self, app: ASGIApp, *, max_entries: int = 10_000, max_bytes: int = DEFAULT_MAX_BYTES, ttl_s: float = 600.0
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, cache: IdempotencyCache | None = None, **memory: Any) -> None:
         self.app = app
-        self.ttl_s = ttl_s
-        self.answers: ByteLRU[tuple[str, str, bytes], _Answer] = ByteLRU(max_bytes, max_entries)
-        self._inflight: dict[tuple[str, str, bytes], asyncio.Event] = {}
-
-    def _lookup(self, key: tuple[str, str, bytes]) -> _Answer | None:
-        answer = self.answers.get(key)
-        if answer is None:
-            return None
-        if answer.expires < time.monotonic():
-            self.answers.pop(key)
-            return None
-        return answer
-
-    def _remember(self, key: tuple[str, str, bytes], capture: _Capture) -> None:
-        if not capture.complete or capture.status >= 500 or capture.size > _MAX_CACHED_BODY:
-            return
-        body = b"".join(capture.chunks)
-        size = len(body) + sum(len(k) + len(v) for k, v in capture.headers) + len(key[0]) + len(key[1]) + len(key[2])
-        self.answers.put(key, _Answer(capture.status, capture.headers, body, time.monotonic() + self.ttl_s), size)
+        self.cache: IdempotencyCache = cache if cache is not None else MemoryIdempotencyCache(**memory)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         idem = None
@@ -135,18 +141,18 @@ class IdempotencyMiddleware:
         if not idem:
             await self.app(scope, receive, send)
             return
-        key = (scope["method"], scope["path"], idem)
-        while (pending := self._inflight.get(key)) is not None:
-            await pending.wait()
-        answer = self._lookup(key)
+        key = IdempotencyKey(scope["method"], scope["path"], idem)
+        try:
+            answer = await self.cache.begin(key)
+        except IdempotencyBusy as exc:
+            await send_error(send, 503, "IdempotencyBusy", str(exc), [(b"retry-after", b"1")])
+            return
         if answer is not None:
             log.info("replaying answer to retried %s %s", scope["method"], scope["path"])
             await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
             await send({"type": "http.response.body", "body": answer.body})
             return
 
-        event = asyncio.Event()
-        self._inflight[key] = event
         capture = _Capture()
 
         async def capturing_send(message: Message) -> None:
@@ -166,9 +172,7 @@ class IdempotencyMiddleware:
             await self.app(scope, receive, capturing_send)
         finally:
             # Remembered even when sending failed: a lost answer is exactly what retries recover.
-            self._remember(key, capture)
-            del self._inflight[key]
-            event.set()
+            await asyncio.shield(self.cache.finish(key, capture.answer()))
 
 
 class RecentSpans:

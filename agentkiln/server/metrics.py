@@ -1,4 +1,4 @@
-"""`GET /metrics` in Prometheus text (prometheus-client): gateway latency, tokens, queue, attempts, engine.
+"""`GET /metrics` in Prometheus text (prometheus-client): gateway latency, tokens, queue, attempts, engine, sweeps.
 
 The gateway's hot path pays for one histogram observe per call (a timing middleware on the
 gateway routes only). Everything else is read when Prometheus scrapes: the engine's own
@@ -126,9 +126,22 @@ class _ScrapeTimeCollector:
             "kiln_rollouts_per_second", "rollouts finished per second over the last minute", value=s.rollouts_per_s
         )
 
+    def _sweep(self) -> Iterator[Metric]:
+        stats = getattr(self.app.state, "sweep_stats", None)  # app.SweepStats (absent: an app without one)
+        if stats is None:
+            return
+        yield CounterMetricFamily("kiln_sweep_runs", "timeout sweeps this server ran", value=stats.runs)
+        yield CounterMetricFamily(
+            "kiln_sweep_changed_attempts",
+            "attempts this server's background sweeps ended (timeout, unresponsive); on one store, replicas' "
+            "counts add up without overlap (the store's own sweeps inside dequeue/wait calls are not counted)",
+            value=stats.changed_attempts,
+        )
+
     def collect(self) -> Iterator[Metric]:
         yield from self._engine()
         yield from self._store()
+        yield from self._sweep()
 
 
 class Metrics:

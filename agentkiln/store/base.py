@@ -8,7 +8,7 @@ every backend; `tests/test_store_parity.py` runs one suite against all of them.
 from __future__ import annotations
 
 import abc
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from agentkiln.models import (
     Attempt,
@@ -32,6 +32,9 @@ from agentkiln.models import (
     Worker,
     WorkerStatus,
 )
+
+if TYPE_CHECKING:
+    from agentkiln.store.idempotency import IdempotencyCache
 
 
 class StoreError(Exception):
@@ -283,6 +286,10 @@ class Store(abc.ABC):
         Applies the retry policy to their rollouts; returns the attempts it changed.
         Backends also run this on their own every ~second while serving.
         """
+
+    def idempotency_cache(self) -> Optional["IdempotencyCache"]:
+        """Answers to keyed writes shared by every server on this store; None: each server keeps its own."""
+        return None
 
     async def close(self) -> None:
         return None

@@ -139,6 +139,19 @@ MIGRATIONS: dict[int, list[str]] = {
         )""",
         "CREATE UNIQUE INDEX canaries_one_active ON canaries (status) WHERE status = 'active'",
     ],
+    # Replicas share the answers to keyed writes (Idempotency-Key; store/postgres/idempotency.py).
+    3: [
+        """CREATE TABLE idempotency_answers (
+            key_hash BYTEA PRIMARY KEY,  -- sha256 of (method, path, key): paths and keys may be long
+            owner TEXT NOT NULL,  -- the server process whose claim this is
+            expires_at DOUBLE PRECISION NOT NULL,  -- the database's clock; the row is void after it
+            lease_until DOUBLE PRECISION,  -- while the write runs: its claim lapses after this
+            status INTEGER,  -- NULL until answered
+            headers JSON,
+            body BYTEA
+        )""",
+        "CREATE INDEX idempotency_answers_expiry ON idempotency_answers (expires_at)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -7,7 +7,8 @@ methods, `queries` the statements they share, `connections` the pool and NOTIFY 
 Several replicas on one database: writers of one rollout take turns on its row lock, dequeues
 skip each other's locked rows, finishes are announced with NOTIFY so every replica's waiters
 wake, and the timeout sweep takes a transaction-level advisory lock (`pg_try_advisory_xact_lock`):
-while one replica sweeps, the others' sweeps return at once with nothing changed.
+while one replica sweeps, the others' sweeps return at once with nothing changed. Answers to
+retried writes are shared in the database too (`idempotency_cache`, see postgres/idempotency.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from agentkiln.store import lifecycle
 from agentkiln.store.base import NotFoundError, Store
 from agentkiln.store.postgres import queries as q
 from agentkiln.store.postgres.connections import Conn, PostgresConnections
+from agentkiln.store.postgres.idempotency import PostgresIdempotency
 from agentkiln.store.postgres.production import PostgresProduction
 from agentkiln.store.postgres.rows import (
     A_SELECT,
@@ -82,11 +84,18 @@ class PostgresStore(PostgresProduction, PostgresConnections, Store):
         self._sweep_interval_s = sweep_interval_s
         self._last_sweep = time.monotonic()
         self._poll_s = poll_s
+        self._idempotency: PostgresIdempotency | None = None
 
     async def _maybe_sweep(self) -> None:
         if self._sweep_interval_s is not None and time.monotonic() - self._last_sweep >= self._sweep_interval_s:
             self._last_sweep = time.monotonic()
             await self.check_timeouts()
+
+    def idempotency_cache(self) -> PostgresIdempotency:
+        """Every replica on this database replays the others' answers (one cache per store)."""
+        if self._idempotency is None:
+            self._idempotency = PostgresIdempotency(self)
+        return self._idempotency
 
     async def close(self) -> None:
         await self._close_connections()
