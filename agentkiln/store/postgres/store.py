@@ -7,8 +7,7 @@ methods, `queries` the statements they share, `connections` the pool and NOTIFY 
 Several replicas on one database: writers of one rollout take turns on its row lock, dequeues
 skip each other's locked rows, finishes are announced with NOTIFY so every replica's waiters
 wake, and the timeout sweep takes a transaction-level advisory lock (`pg_try_advisory_xact_lock`):
-while one replica sweeps, the others' sweeps return at once with nothing changed. Answers to
-retried writes are shared in the database too (`idempotency_cache`, see postgres/idempotency.py).
+while one replica sweeps, the others' sweeps return at once with nothing changed.
 """
 
 from __future__ import annotations
@@ -92,7 +91,7 @@ class PostgresStore(PostgresProduction, PostgresConnections, Store):
             await self.check_timeouts()
 
     def idempotency_cache(self) -> PostgresIdempotency:
-        """Every replica on this database replays the others' answers (one cache per store)."""
+        """Every replica on this database replays the others' answers to retried writes (postgres/idempotency.py)."""
         if self._idempotency is None:
             self._idempotency = PostgresIdempotency(self)
         return self._idempotency
