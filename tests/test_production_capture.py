@@ -228,3 +228,30 @@ def test_concurrent_first_calls_of_a_session_open_it_once() -> None:
 
     asyncio.run(main())
     assert calls == ["s"]
+
+
+async def test_retention_pass_forgets_open_sessions_even_when_another_replica_purged():
+    """A replica whose own pass purged nothing still forgets: the other replica may have purged them."""
+    import asyncio
+
+    from agentkiln.production.capture import CaptureConfig, ProductionCapture, purge_forever
+
+    class PurgedElsewhere:
+        passes = 0
+
+        async def purge_production(self, before: float) -> int:
+            self.passes += 1
+            return 0  # the other replica's pass already deleted the idle sessions
+
+        async def open_session(self, session_id: str):
+            return None
+
+    store = PurgedElsewhere()
+    capture = ProductionCapture(CaptureConfig(enabled=True, retention_days=1, purge_interval_s=0.01))
+    assert await capture.records(store, "s-1", {})
+    assert "s-1" in capture._opened
+    task = asyncio.create_task(purge_forever(store, capture))
+    while store.passes < 2:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert "s-1" not in capture._opened

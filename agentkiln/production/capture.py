@@ -106,8 +106,10 @@ async def purge_forever(store: Store, capture: ProductionCapture) -> None:
     while True:
         try:
             purged = await store.purge_production(time.time() - days * 86_400)
+            # Every pass, not only one that purged here: a replica on the same database may have
+            # purged sessions this server still remembers as open (re-opening is one idempotent write).
+            capture.forget()
             if purged:
-                capture.forget()
                 log.info("retention: purged %d production session(s) idle over %s days", purged, days)
         except Exception:
             log.exception("retention purge failed")
