@@ -67,6 +67,7 @@ async def client_ours(url: str, rollouts: int, runners: int, calls: int) -> dict
         {"model": "mock-model", "messages": [{"role": "user", "content": "What is 6 * 7?"}], "max_tokens": 16}
     ).encode()
     done: list[str] = []
+    failed: list[str] = []  # LLM calls that failed after the client's retries
     latencies: list[float] = []
 
     async def runner(w: int) -> None:
@@ -78,9 +79,13 @@ async def client_ours(url: str, rollouts: int, runners: int, calls: int) -> dict
             call_path = f"/rollout/{rid}/attempt/{aid}/v1/chat/completions"
             for _ in range(calls):
                 t = time.perf_counter()
-                status, answer = await http.post(call_path, body)
+                try:
+                    status, answer = await http.post(call_path, body)
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    status, answer = 0, repr(exc).encode()
                 if status != 200:
-                    raise RuntimeError(f"LLM call failed: {status} {answer[:300]!r}")
+                    failed.append(f"{status} {answer[:200]!r}")
+                    continue
                 latencies.append(time.perf_counter() - t)
             reward = {SpanAttrs.reward_value: 1.0, SpanAttrs.reward_name: "primary", SpanAttrs.reward_final: True}
             await store.add_spans([SpanIn(rollout_id=rid, attempt_id=aid, name=SpanNames.reward, attributes=reward)])
@@ -102,6 +107,10 @@ async def client_ours(url: str, rollouts: int, runners: int, calls: int) -> dict
         "with_spans_s": elapsed,
         "rollouts_missing_spans": missing,
         "rate": len(done) / elapsed,
+        "failed_calls": len(failed),
+        "first_failure": failed[0] if failed else None,
+        "retries_503": http.retries_503,
+        "stale_retries": http.stale_retries,
         "call_p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
     }
 
@@ -227,7 +236,8 @@ def main() -> None:
                 tag = "warm-up" if rnd == 0 else f"round {rnd}"
                 print(f"[{tag}] {name:7s} {res['rollouts']} rollouts in {res['with_spans_s']:.2f}s = "
                       f"{res['rate']:.1f} rollouts/s (call p50 {res['call_p50_ms']:.2f} ms, "
-                      f"missing spans: {res['rollouts_missing_spans']})", flush=True)  # fmt: skip
+                      f"missing spans: {res['rollouts_missing_spans']}, failed calls: {res.get('failed_calls', 0)}, "
+                      f"503 retries: {res.get('retries_503', 0)})", flush=True)  # fmt: skip
                 if rnd:
                     results[name].append(res)
         print(f"\n{args.runners} runners x {args.calls} LLM calls per rollout, spans recorded by each gateway/proxy")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import json
 import os
 import socket
@@ -150,6 +151,8 @@ class FastClient:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.retries_503 = 0
+        self.stale_retries = 0
 
     @classmethod
     def for_url(cls, url: str) -> FastClient:
@@ -157,11 +160,44 @@ class FastClient:
         host, _, port = hostport.rpartition(":")
         return cls(host, int(port))
 
+    # What a well-behaved client does under load: a pooled connection the server closed meanwhile
+    # (keep-alive timeout, a shedding server) is retried once on a fresh one, and a 503 is retried
+    # after its Retry-After. The first version of this client did neither, so at 300+ runners one
+    # stale connection (IncompleteReadError) failed a whole benchmark round.
+    max_503_retries = 20
+
     async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        if self._idle:
+        for _ in range(self.max_503_retries):
+            status, data, retry_after = await self._post_once(path, body, headers)
+            if status != 503:
+                return status, data
+            self.retries_503 += 1
+            await asyncio.sleep(retry_after * (1 + random.random() / 2))
+        return status, data
+
+    async def _post_once(
+        self, path: str, body: bytes, headers: dict[str, str] | None
+    ) -> tuple[int, bytes, float]:
+        while self._idle:
             reader, writer = self._idle.pop()
-        else:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                return await self._exchange(reader, writer, path, body, headers)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                    raise  # the server had started answering: not a stale connection
+                self.stale_retries += 1
+                writer.close()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return await self._exchange(reader, writer, path, body, headers)
+
+    async def _exchange(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        path: str,
+        body: bytes,
+        headers: dict[str, str] | None,
+    ) -> tuple[int, bytes, float]:
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         writer.write(
             f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\ncontent-type: application/json\r\n"
@@ -171,11 +207,13 @@ class FastClient:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         status = int(lines[0].split(b" ", 2)[1])
-        length, chunked, close = None, False, False
+        length, chunked, close, retry_after = None, False, False, 0.5
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
-            if name == b"content-length":
+            if name == b"retry-after":
+                retry_after = float(value.strip() or 0.5)
+            elif name == b"content-length":
                 length = int(value)
             elif name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
@@ -199,7 +237,7 @@ class FastClient:
             writer.close()
         else:
             self._idle.append((reader, writer))
-        return status, data
+        return status, data, retry_after
 
     async def close(self) -> None:
         for _, writer in self._idle:

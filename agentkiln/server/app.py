@@ -33,6 +33,7 @@ from agentkiln.server.errors import (
 )
 from agentkiln.server.feedback_routes import router as feedback_router
 from agentkiln.server.host_check import TrustedHostMiddleware
+from agentkiln.server.load_shedding import MAX_IN_FLIGHT, LoadShedMiddleware
 from agentkiln.server.idempotency import IdempotencyMiddleware, RecentSpans
 from agentkiln.server.metrics import install_metrics
 from agentkiln.server.otlp import build_otlp_router
@@ -73,6 +74,7 @@ def create_app(
     runner_key: str | None = None,
     feedback_key: str | None = None,
     max_body_bytes: int = 16_000_000,
+    max_in_flight: int = MAX_IN_FLIGHT,
     sweep_interval_s: float = 1.0,
     public_paths: Iterable[str] = ("/health",),
     engine: Any = None,
@@ -155,6 +157,7 @@ def create_app(
         )
         document_security(app, public_paths)
     app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(LoadShedMiddleware, max_in_flight=max_in_flight)  # 503 + Retry-After past the bound
     if allowed_hosts is not None:  # outermost: a rebinding page's request never reaches a route
         app.add_middleware(TrustedHostMiddleware, allowed=allowed_hosts)
     return app

@@ -35,9 +35,11 @@ DEFAULT_WEIGHTS_ROOT = "runs"  # where `kiln train` writes adapters when started
 
 
 # How the HTTP server bounds what clients can hold (uvicorn's settings; see uvicorn_config):
-# - LIMIT_CONCURRENCY 1024 connections + tasks at once, then 503: room for hundreds of runners,
-#   each with a long poll, a heartbeat and its agents' LLM calls; a flood cannot exhaust file
-#   descriptors (ulimit is often 1024-4096) or memory with parked requests.
+# - Requests in flight are bounded by load_shedding.LoadShedMiddleware (1,024; then 503 with
+#   Retry-After, the connection kept). uvicorn's limit_concurrency is its bound on connections + tasks
+#   (past it: a plain 503 and the connection closed); it counts idle keep-alive connections, which a
+#   thousand runners hold, so it is set from the file-descriptor limit (raised to its hard limit at
+#   start) rather than to the request bound: a flood still cannot exhaust descriptors.
 # - KEEP_ALIVE_S 20: idle connections close after 20 s, longer than clients pool them (httpx: 5 s),
 #   so the server never closes a connection a client is about to reuse.
 # - MAX_HEAD_BYTES 64 KiB: the bound on a request head (request line + headers), kept by
@@ -45,7 +47,27 @@ DEFAULT_WEIGHTS_ROOT = "runs"  # where `kiln train` writes adapters when started
 # - BACKLOG 1024: connections the kernel queues before accept; beyond it clients retry.
 # - GRACEFUL_SHUTDOWN_S 10: a stop waits this long for requests in flight (long polls end
 #   within MAX_WAIT_S = 30 s), then closes them, so SIGTERM never hangs.
-LIMIT_CONCURRENCY = 1024
+LIMIT_CONCURRENCY_MAX = 16_384
+FD_HEADROOM = 256  # descriptors kept for the store, the engine, logs and the upstream client
+
+
+def connection_limit() -> int:
+    """uvicorn's limit_concurrency: as many connections as the descriptor limit allows (raised to hard)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = LIMIT_CONCURRENCY_MAX + FD_HEADROOM
+        if hard != resource.RLIM_INFINITY:
+            want = min(hard, want)
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    except (ImportError, ValueError, OSError):  # no resource module (Windows) or not allowed
+        return 1024
+    return max(64, min(LIMIT_CONCURRENCY_MAX, soft - FD_HEADROOM))
+
+
 KEEP_ALIVE_S = 20
 BACKLOG = 1024
 GRACEFUL_SHUTDOWN_S = 10
@@ -56,7 +78,7 @@ def uvicorn_config(app: Any, **kwargs: Any) -> uvicorn.Config:
     settings: dict[str, Any] = {
         "lifespan": "on",
         "http": BoundedHttpToolsProtocol,
-        "limit_concurrency": LIMIT_CONCURRENCY,
+        "limit_concurrency": connection_limit(),
         "timeout_keep_alive": KEEP_ALIVE_S,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,  # if a caller picks http="h11"
         "backlog": BACKLOG,

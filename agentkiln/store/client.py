@@ -135,9 +135,10 @@ class HttpStore(HttpProduction, Store):
             headers["Content-Type"] = "application/json"
         request_timeout = self.timeout if timeout is None else timeout
         last: str = ""
+        retry_after = 0.0
         for attempt in range(self.retries + 1):
             if attempt:
-                delay = self._delay(attempt - 1)
+                delay = max(self._delay(attempt - 1), retry_after)
                 log.warning("retrying %s %s in %.2fs (%s)", method, path, delay, last)
                 await asyncio.sleep(delay)
             try:
@@ -149,6 +150,7 @@ class HttpStore(HttpProduction, Store):
                 continue
             if response.status_code >= 500:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
+                retry_after = _retry_after_s(response) * (1 + random.random() / 2)  # spread the herd
                 continue
             if response.status_code >= 400:
                 raise _error_from(response)
@@ -357,3 +359,14 @@ class HttpStore(HttpProduction, Store):
 def _seg(value: str) -> str:
     """Ids go into URL paths; quote them so a '?' or '#' in an id cannot change the request."""
     return quote(value, safe="")
+
+
+MAX_RETRY_AFTER_S = 30.0
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    """The server's Retry-After in seconds (a shedding server says when to come back), capped; 0 if none."""
+    try:
+        return min(MAX_RETRY_AFTER_S, max(0.0, float(response.headers.get("retry-after", 0))))
+    except ValueError:  # an HTTP date: fall back to the client's own backoff
+        return 0.0
