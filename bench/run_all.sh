@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks vs agentlightning 0.3.0 (store+runner throughput, gateway overhead) and
 # vs TRL (GRPO update tokens/s); prints each one's RATIO lines at the end.
-# Needs .venv (bash scripts/test.sh makes it) and, for the agentlightning sides, .venv-agl:
-#   python3.11 -m venv .venv-agl && LITELLM_LOCAL_MODEL_COST_MAP=True .venv-agl/bin/pip install agentlightning==0.3.0 \
-#     "litellm[proxy]==1.80.10" opentelemetry-{api,sdk,exporter-otlp,exporter-otlp-proto-http,exporter-otlp-proto-grpc,exporter-otlp-proto-common,proto}==1.39.1
-# (LiteLLM and OpenTelemetry pinned to their releases of agentlightning 0.3.0's time; newer LiteLLM
-# refuses to start a proxy without a master key and newer OTLP exporters ignore the store endpoint.)
+# Needs .venv (bash scripts/test.sh makes it) and, for the agentlightning sides, .venv-agl, which
+# scripts/setup_agl.sh builds (run below; once, about a minute).
 # Usage: bash bench/run_all.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
+bash scripts/setup_agl.sh || echo "note: .venv-agl could not be built; the agentlightning sides are skipped" >&2
 export LITELLM_LOCAL_MODEL_COST_MAP=True HF_HUB_OFFLINE=1
 QUICK=0; [[ "${1:-}" == "--quick" ]] && QUICK=1
 LOG=$(mktemp -d)/bench
