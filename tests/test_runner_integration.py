@@ -238,3 +238,21 @@ async def test_killed_attempt_never_reaches_training_twice(server, client):
     assert len(transitions) == 1
     assert transitions[0].attempt_id == attempts[1].attempt_id and transitions[0].return_ == 1.0
     assert [(s.attempt_id, s.reason) for s in report] == [(attempts[0].attempt_id, SkipReason.stale_attempt)]
+
+
+async def test_thread_workers_share_a_client_per_25(server, client, monkeypatch):
+    """Thread mode against a URL opens one HttpStore per 25 workers, not one for all (httpx pool cost)."""
+    import agentkiln.runner.runner as runner_module
+
+    opened = []
+    real_open = runner_module.open_runner_store
+
+    def counting(url, api_key=None):
+        opened.append(url)
+        return real_open(url, api_key)
+
+    monkeypatch.setattr(runner_module, "open_runner_store", counting)
+    ids = [(await client.enqueue_rollout({"n": i})).rollout_id for i in range(3)]
+    done = await runner("runner_test_agents:simple", server, n_workers=30, mode="thread", until_empty=True).arun()
+    assert done == 3 and len(opened) == 2
+    assert [(await client.get_rollout(rid)).status for rid in ids] == [RolloutStatus.succeeded] * 3

@@ -28,6 +28,7 @@ from agentkiln.store.base import Store
 logger = logging.getLogger(__name__)
 
 AgentSpec = Union[str, BaseAgent, Any]
+WORKERS_PER_CLIENT = 25  # thread-mode workers sharing one HttpStore
 
 
 def open_runner_store(url: str, api_key: str | None = None) -> Store:
@@ -139,14 +140,24 @@ class Runner:
         if self.mode != "thread":
             raise RuntimeError("arun() is for mode='thread'; use run() for processes")
         agent = load_agent(self.agent)
-        owns_store = isinstance(self.store, str)
-        store = open_runner_store(self.store, self.config.api_key) if isinstance(self.store, str) else self.store
+        # A URL: one client per WORKERS_PER_CLIENT workers (one httpx pool shared by a thousand
+        # coroutines costs more CPU than the server does: bench/RESULTS.md, 1,000 runners).
+        owned: list[Store] = []
+        if isinstance(self.store, str):
+            clients = -(-self.n_workers // WORKERS_PER_CLIENT)
+            owned = [open_runner_store(self.store, self.config.api_key) for _ in range(clients)]
         lock = threading.Lock()
         budget = RolloutBudget(BudgetCount(-1 if self.max_rollouts is None else self.max_rollouts), lock)
         await agent.prepare()  # once, before workers race to do it
         config = with_tracing(self.config) if self.otel else self.config
         workers = [
-            RolloutWorker(agent, store, worker_id=self._worker_id(i), config=config) for i in range(self.n_workers)
+            RolloutWorker(
+                agent,
+                owned[i // WORKERS_PER_CLIENT] if owned else self.store,  # type: ignore[arg-type]
+                worker_id=self._worker_id(i),
+                config=config,
+            )
+            for i in range(self.n_workers)
         ]
         try:
             counts = await asyncio.gather(
@@ -161,7 +172,7 @@ class Runner:
                 )
             )
         finally:
-            if owns_store:
+            for store in owned:
                 await store.close()
         return sum(counts)
 
