@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,62 +13,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-STARTUP_S = 60.0
+from tests.serve_process import ServeProcess
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, store: str, log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "agentkiln.cli.main",
-            "serve",
-            "--engine",
-            "none",
-            "--store",
-            store,
-            "--port",
-            str(self.port),
-        ]
-        self.log = log.open("ab")
-        env = {**os.environ, "KILN_API_KEY": ""}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, log_path: Path) -> None:
-        give_up = time.monotonic() + STARTUP_S
-        while time.monotonic() < give_up:
-            if self.proc.poll() is not None:
-                pytest.fail(f"kiln serve exited with {self.proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        pytest.fail(f"kiln serve did not answer /health:\n{log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def _server(store: str, log: Path) -> ServeProcess:
+    return ServeProcess(["--engine", "none", "--store", store], {**os.environ, "KILN_API_KEY": ""}, log)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def start_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
-    started: list[_Server] = []
+    started: list[ServeProcess] = []
     log_path = tmp_path / "server.log"
     schema = None
     if request.param == "postgres":  # a fresh schema of the test server, dropped afterwards
@@ -82,10 +33,10 @@ def start_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
     else:
         store = str(tmp_path / "k.db")
 
-    def start() -> _Server:
-        server = _Server(store, log_path)
+    def start() -> ServeProcess:
+        server = _server(store, log_path)
         started.append(server)
-        server.wait_ready(log_path)
+        server.wait_ready()
         return server
 
     yield start

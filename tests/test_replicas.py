@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,48 +24,20 @@ from agentkiln.models import AttemptStatus, LLMEndpoint, ResourcesIn, RolloutCon
 from agentkiln.protocol import ENGINE_STATUS_PATH, SpanAttrs, SpanNames, attempt_base_url, auth_headers
 from agentkiln.store.client import HttpStore
 from tests.pg_fixtures import drop_schema, import_psycopg_or_skip_module, require_postgres
+from tests.serve_process import ServeProcess
 
 import_psycopg_or_skip_module()
 
 ADMIN, RUNNER = "admin-key-replicas", "runner-key-replicas"
-STARTUP_S = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Replica:
+class Replica(ServeProcess):
     """One `kiln serve` process (tiny engine) on the shared store, its output in a log file."""
 
     def __init__(self, name: str, store: str, weights_root: Path, log_dir: Path) -> None:
-        self.name = name
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_dir / f"replica-{name}.log"
-        cmd = [sys.executable, "-m", "agentkiln.cli.main", "serve", "--engine", "tiny", "--store", store,
-               "--port", str(port), "--weights-root", str(weights_root)]  # fmt: skip
+        args = ["--engine", "tiny", "--store", store, "--weights-root", str(weights_root)]
         env = {**os.environ, "KILN_API_KEY": ADMIN, "KILN_RUNNER_KEY": RUNNER, "HF_HUB_OFFLINE": "1"}
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self) -> None:
-        give_up = time.monotonic() + STARTUP_S
-        while time.monotonic() < give_up:
-            if self.proc.poll() is not None:
-                pytest.fail(f"replica {self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        pytest.fail(f"replica {self.name} did not answer /health:\n{self.tail()}")
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
+        super().__init__(args, env, log_dir / f"replica-{name}.log", name=f"replica {name}")
 
     def store(self, key: str = ADMIN) -> HttpStore:
         return HttpStore(self.url, api_key=key, retries=0)
@@ -82,16 +51,6 @@ class Replica:
         match = re.search(rf"^{name} (\S+)$", self.get("/metrics").text, re.MULTILINE)
         assert match is not None, f"{name} missing from {self.name}'s /metrics"
         return float(match.group(1))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture
