@@ -110,9 +110,6 @@ class RunnerActor:
     def stop(self) -> None:
         self._stop.set()
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 class BudgetActor:
     """The rollout budget (max_rollouts) shared by all actors of one RayRunner."""
@@ -155,6 +152,7 @@ class RayRunner:
     ):
         if n_workers < 1:
             raise ValueError("n_workers must be >= 1")
+        import_ray()  # fail here, not when run() starts, if the extra is not installed
         if not server_url.startswith(("http://", "https://")):
             raise ValueError("Ray runners reach the server over HTTP: give its http(s) URL")
         self.agent = agent

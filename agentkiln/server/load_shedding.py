@@ -11,10 +11,11 @@ connections (file descriptors), see serve.py.
 
 from __future__ import annotations
 
-import json
 import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from agentkiln.server.errors import send_error
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +29,8 @@ class LoadShedMiddleware:
         self.app = app
         self.max_in_flight = max_in_flight
         self.in_flight = 0
-        self.shed = 0  # answers refused since start (for /metrics and tests)
-        body = {
-            "error": {
-                "type": "ServiceUnavailable",
-                "message": f"server busy: over {max_in_flight} requests in flight; retry after {retry_after_s}s",
-            }
-        }
-        self._body = json.dumps(body).encode()
-        self._headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(self._body)).encode()),
-            (b"retry-after", str(retry_after_s).encode()),
-        ]
+        self.retry_after_s = retry_after_s
+        self.shed = 0  # answers refused since start (its log line every 1,000)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _EXEMPT:
@@ -50,8 +40,8 @@ class LoadShedMiddleware:
             self.shed += 1
             if self.shed == 1 or self.shed % 1000 == 0:
                 log.warning("shedding load: %d requests in flight (%d refused so far)", self.in_flight, self.shed)
-            await send({"type": "http.response.start", "status": 503, "headers": self._headers})
-            await send({"type": "http.response.body", "body": self._body})
+            message = f"server busy: over {self.max_in_flight} requests in flight; retry after {self.retry_after_s}s"
+            await send_error(send, 503, "ServiceUnavailable", message, [(b"retry-after", str(self.retry_after_s).encode())])
             return
         self.in_flight += 1
         try:
