@@ -16,22 +16,22 @@ their rows, and their KV with them, at the next step.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from agentkiln.engine.base import ChatChoice, ChatRequest, ChatResult, Engine, StreamDelta
+from agentkiln.engine.base import ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.engine.chat import ChatTemplate, RenderedPrompt, template_for
+from agentkiln.engine.chat.output import build_choice
+from agentkiln.engine.chat.renderer import PromptRenderer
 from agentkiln.engine.embedded.detokenizer import IncrementalDetokenizer
 from agentkiln.engine.embedded.grammar import GrammarCache, grammar_spec
 from agentkiln.engine.embedded.prefix_cache import PrefixCache
-from agentkiln.engine.embedded.sampler import StopStringMatcher, cut_at_stop, find_stop_ids
+from agentkiln.engine.embedded.sampler import StopStringMatcher, find_stop_ids
 from agentkiln.engine.embedded.scheduler import EngineStats, Scheduler
 from agentkiln.engine.embedded.sequence import SeqOutput, Sequence
 from agentkiln.engine.embedded.weights import WeightSets
@@ -82,10 +82,7 @@ class TransformersEngine(Engine):
         cfg = self._model.config
         self.max_context: int = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # No token covers more characters than its vocabulary string has (byte-level: one per byte).
-        self._max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
-        # Large prompts are rendered one at a time: a flood of them takes one core, never all of them.
-        self._render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-render")
+        self.renderer = PromptRenderer(self.chat_template, self.tokenizer, self.max_context)
         stop_ids = find_stop_ids(self.tokenizer, self._model.generation_config)
         self.grammars = GrammarCache(self.tokenizer, int(cfg.vocab_size), stop_ids)
         self._scheduler = Scheduler(
@@ -142,19 +139,10 @@ class TransformersEngine(Engine):
         return self.tokenizer.decode([token_id])
 
     def render(self, request: ChatRequest) -> RenderedPrompt:
-        return self.chat_template.render(request.messages, request.tools or None)
+        return self.renderer.render(request)
 
     async def render_async(self, request: ChatRequest) -> RenderedPrompt:
-        """`render`, refusing a surely too long prompt first and off the event loop when it is large."""
-        chars = _prompt_chars(request)
-        if chars > 2 * self.max_context * self._max_token_chars:  # x2: slack for normalisers that drop text
-            raise EngineRequestError(
-                f"prompt too long: its {chars} characters are at least {chars // self._max_token_chars} tokens; "
-                f"the model's context is {self.max_context} tokens"
-            )
-        if chars > _RENDER_ON_LOOP_CHARS:
-            return await asyncio.get_running_loop().run_in_executor(self._render_pool, self.render, request)
-        return self.render(request)
+        return await self.renderer.render_async(request)
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         loop = asyncio.get_running_loop()
@@ -247,7 +235,7 @@ class TransformersEngine(Engine):
 
     async def close(self) -> None:
         await asyncio.to_thread(self._scheduler.close)
-        self._render_pool.shutdown(wait=False, cancel_futures=True)
+        self.renderer.close()
 
     # ---- request plumbing ---------------------------------------------------------------------
 
@@ -267,7 +255,7 @@ class TransformersEngine(Engine):
         spec = grammar_spec(request)
         if spec is None:
             return None
-        return await asyncio.get_running_loop().run_in_executor(self._render_pool, self.grammars.compile, spec)
+        return await self.renderer.off_loop(self.grammars.compile, spec)
 
     def _make_seq(
         self, request: ChatRequest, prompt_ids: list[int], index: int, callbacks: Callbacks, grammar: Any = None
@@ -294,25 +282,20 @@ class TransformersEngine(Engine):
         )
 
     def _result(self, request: ChatRequest, prompt: RenderedPrompt, outputs: list[SeqOutput]) -> ChatResult:
-        choices = []
-        for i, out in enumerate(outputs):
-            raw = self.tokenizer.decode(out.ids, skip_special_tokens=True)
-            text = cut_at_stop(raw, request.stop)
-            parsed = self.chat_template.parse(text, request.tools)
-            finish = "tool_calls" if parsed.tool_calls else out.finish_reason
-            choices.append(
-                ChatChoice(
-                    index=i,
-                    text=parsed.text,
-                    raw_text=raw,
-                    tool_calls=parsed.tool_calls,
-                    finish_reason=finish,
-                    response_ids=out.ids,
-                    logprobs=out.logprobs,
-                    parse_error=parsed.parse_error,
-                    constrained=grammar_spec(request) is not None,
-                )
+        constrained = grammar_spec(request) is not None
+        choices = [
+            build_choice(
+                self.tokenizer,
+                self.chat_template,
+                request,
+                index=i,
+                ids=out.ids,
+                logprobs=out.logprobs,
+                finish_reason=out.finish_reason,
+                constrained=constrained,
             )
+            for i, out in enumerate(outputs)
+        ]
         version = outputs[0].model_version if outputs else self.version_for(self.weights_key(request.agent, request.variant))
         return ChatResult(
             prompt_ids=prompt.ids,
@@ -321,21 +304,6 @@ class TransformersEngine(Engine):
             model=self.model_name,
             model_version=version,
         )
-
-
-_RENDER_ON_LOOP_CHARS = 8_192  # smaller prompts template + tokenize in well under a millisecond
-
-
-def _prompt_chars(request: ChatRequest) -> int:
-    """Characters of text in the messages and tools: a cheap lower bound on the rendered prompt's length."""
-    chars = 0
-    for msg in request.messages:
-        content = msg.get("content")
-        chars += len(content) if isinstance(content, str) else 0
-        for call in msg.get("tool_calls") or ():
-            fn = call.get("function") or {}
-            chars += len(str(fn.get("arguments") or ""))
-    return chars + (len(json.dumps(request.tools)) if request.tools else 0)
 
 
 def _settle(fut: asyncio.Future, value: Any, exc: BaseException | None) -> None:

@@ -22,67 +22,20 @@ xgrammar is imported lazily: an engine without it serves every unconstrained req
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import re
 import threading
 from typing import Any
 
 import torch
 
-from agentkiln.engine.base import ChatRequest
-from agentkiln.engine.chat.tool_parsers.hermes import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from agentkiln.engine.constraints import build_grammar, grammar_spec, invalid_grammar
 from agentkiln.engine.errors import EngineRequestError
+
+__all__ = ["GrammarCache", "GrammarState", "grammar_spec"]
 
 log = logging.getLogger(__name__)
 
 _CACHE_ENTRIES = 64
-
-
-def grammar_spec(request: ChatRequest) -> tuple[str, str] | None:
-    """(kind, source) of the request's constraint, or None: 'json' (any object), 'schema', 'strict' or 'tool_call'."""
-    forced = _forced_tools(request)
-    if forced:
-        return "tool_call", json.dumps(_tool_call_schema(forced), sort_keys=True)
-    spec = request.structured
-    if spec is None:
-        return None
-    if spec.type == "json_object" or spec.json_schema is None:
-        return "json", '{"type": "object"}'
-    return ("strict" if spec.strict else "schema"), json.dumps(spec.json_schema, sort_keys=True)
-
-
-def _forced_tools(request: ChatRequest) -> list[dict[str, Any]]:
-    """The function definitions a tool_choice forces a call to (empty: no forced call)."""
-    choice, tools = request.tool_choice, request.tools
-    if not tools or choice in (None, "none", "auto"):
-        return []
-    fns = [t.get("function", t) for t in tools]
-    if choice == "required":
-        return fns
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") or choice.get("name")
-        named = [f for f in fns if f.get("name") == name]
-        if not named:
-            raise EngineRequestError(f"tool_choice names function {name!r}, which is not among the tools")
-        return named
-    return []
-
-
-def _tool_call_schema(fns: list[dict[str, Any]]) -> dict[str, Any]:
-    """A JSON schema for `{"name": <one of fns>, "arguments": <its parameters>}`."""
-    options = []
-    for fn in fns:
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        options.append(
-            {
-                "type": "object",
-                "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-        )
-    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 class GrammarCache:
@@ -120,22 +73,12 @@ class GrammarCache:
                 self._cache.move_to_end(spec)
                 return hit
             xgr = self._xgr()
-            kind, source = spec
             try:
-                if kind in ("json", "schema", "strict"):  # strict: no properties beyond the schema's
-                    compiled = self._compiler.compile_json_schema(
-                        source, strict_mode=kind == "strict", any_whitespace=False
-                    )
-                else:
-                    grammar = xgr.Grammar.concat(
-                        xgr.Grammar.from_regex(re.escape(TOOL_CALL_OPEN)),
-                        xgr.Grammar.from_json_schema(source, strict_mode=True, any_whitespace=False),
-                        xgr.Grammar.from_regex(re.escape(TOOL_CALL_CLOSE)),
-                    )
-                    compiled = self._compiler.compile_grammar(grammar)
+                compiled = self._compiler.compile_grammar(build_grammar(xgr, spec))
+            except EngineRequestError:
+                raise
             except Exception as exc:  # noqa: BLE001 -- xgrammar raises assorted types for a bad schema
-                what = "tool parameters schema" if kind == "tool_call" else "JSON schema"
-                raise EngineRequestError(f"invalid {what}: {str(exc).strip()[:500]}") from None
+                raise invalid_grammar(spec, exc) from None
             self.compiles += 1
             self._cache[spec] = compiled
             if len(self._cache) > self._entries:

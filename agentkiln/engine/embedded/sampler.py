@@ -81,8 +81,3 @@ class StopStringMatcher:
         if self._keep:
             self._tail = (self._tail + new)[-self._keep :]
         return any(s in window for s in self.stop)
-
-
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
