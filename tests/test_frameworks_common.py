@@ -70,12 +70,14 @@ class KilnServer:
     def stop(self) -> None:
         self._thread.stop()
 
-    async def run(self, agent: Any, task: Any = TASK, *, sampling: dict[str, Any] | None = None) -> Run:
-        """Enqueue `task`, run `agent` on it through a real worker, return the stored result."""
+    async def run(
+        self, agent: Any, task: Any = TASK, *, sampling: dict[str, Any] | None = None, model: str = "kiln-model"
+    ) -> Run:
+        """Enqueue `task`, run `agent` on it through a real worker, return the stored result.
+
+        `model` is the name the agent asks for (engines serve their own model whatever it is)."""
         async with HttpStore(self.url) as store:
-            await store.add_resources(
-                ResourcesIn(llms={"main": LLMEndpoint(model="kiln-model", sampling=sampling or {})})
-            )
+            await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model=model, sampling=sampling or {})}))
             rollout = await store.enqueue_rollout(task)
             runner = Runner(agent, self.url, n_workers=1, mode="thread", until_empty=True, config=FAST)
             assert await runner.arun() == 1

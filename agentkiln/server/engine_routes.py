@@ -54,6 +54,8 @@ def build_engine_status_router() -> APIRouter:
             # The canary whose candidate weights are loaded and routed to (None: every session gets the deployed).
             "canary_id": sync.serving_canary.canary_id if sync and sync.serving_canary else None,
             "canary_error": sync.canary_error if sync else None,
+            # Engine-specific state (a vLLM engine: its server process, restarts, the LoRA names served).
+            "server": engine.status() if engine is not None and hasattr(engine, "status") else None,
         }
 
     return router

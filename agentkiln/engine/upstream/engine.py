@@ -8,10 +8,16 @@ what the server's model saw (different chat template, non-canonical tokenization
 sampled text), and logprobs are dropped when their count does not match the ids, so such
 spans are marked unusable for training rather than silently misaligned.
 
-Per-agent weights: vLLM serves LoRA adapters under their own model names (`--lora-modules
-writer=/path/to/adapter`, or its runtime `/v1/load_lora_adapter`). `agent_models={"writer":
-"writer"}` sends the calls of agent "writer" to that model name (others use the request's model)
-and records them as version "<model_version>:writer". This engine does not load weights itself.
+The model served is the one configured (`model`), whatever name the agent asks for (framework
+examples ask for `gpt-4.1`, which a vLLM serving another model answers with 404); names in
+`model_aliases` pass through (mapped to their upstream name).
+
+Weights: published adapters are loaded through vLLM's runtime LoRA API under versioned names
+(engine/vllm/adapters.py), where the server allows it; a server that does not makes the load fail
+with an error saying so (the previous weights keep serving). `agent_models={"writer": "writer"}`
+statically sends agent "writer"'s calls to a model name the server already serves (`--lora-modules`),
+recorded as version "<model_version>:writer". For token-exact serving with our chat template and
+tool parser give the model folder instead (`upstream:<url>#model?model_dir=...`: engine/vllm).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from agentkiln.engine.chat.tool_parsers.hermes import format_tool_call
 from agentkiln.engine.errors import EngineResponseError
 from agentkiln.engine.upstream.sse import data_payloads
 from agentkiln.engine.upstream.transport import AiohttpTransport, HttpxTransport, dumps, loads
+from agentkiln.engine.vllm.adapters import LoraAdapters
 from agentkiln.protocol import auth_headers
 
 log = logging.getLogger(__name__)
@@ -53,10 +60,12 @@ class UpstreamEngine(Engine):
         timeout_s: float = 600.0,
         transport: httpx.AsyncBaseTransport | None = None,
         agent_models: Mapping[str, str] | None = None,
+        model_aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model_name = model
         self.agent_models = dict(agent_models or {})  # agent name -> upstream model name (e.g. a vLLM LoRA)
+        self.model_aliases = dict(model_aliases or {})  # requested model name -> upstream name, passed through
         self.api_key = api_key
         self.tokenizer = tokenizer
         self._version = model_version
@@ -67,25 +76,52 @@ class UpstreamEngine(Engine):
             if transport is None
             else HttpxTransport(self.base_url, headers, timeout_s, transport)
         )
+        self.adapters = LoraAdapters(self.base_url.removesuffix("/v1"), headers, transport=transport)
 
     @property
     def model_version(self) -> str:
         return self._version
 
     def version_for(self, agent: str | None) -> str:
+        loaded = self.adapters.version_for(agent) or self.adapters.version_for(None)
+        if loaded is not None:
+            return loaded
         served = self.agent_models.get(agent) if agent is not None else None
         return f"{self._version}:{served}" if served else self._version
 
+    def weights_key(self, agent: str | None, variant: str | None = None) -> str | None:
+        return self.adapters.key_for(agent, variant)
+
     @property
     def agent_versions(self) -> dict[str, str]:
-        return {agent: self.version_for(agent) for agent in self.agent_models}
+        agents = {str(k) for k in self.adapters.served if k is not None} | set(self.agent_models)
+        return {agent: self.version_for(agent) for agent in sorted(agents)}
+
+    def _model_for(self, request: ChatRequest) -> str:
+        """The upstream model name: a loaded adapter's, an agent's static one, an alias, else the configured model."""
+        key = self.weights_key(request.agent, request.variant)
+        loaded = self.adapters.name_for(key) or self.adapters.name_for(None)
+        if loaded is not None:
+            return loaded
+        return (
+            self.agent_models.get(request.agent or "")
+            or self.model_aliases.get(request.model or "")
+            or self.model_name
+        )
+
+    async def load_weights(self, path: str, version: str, agent: str | None = None) -> None:
+        """Load a published LoRA adapter through the server's runtime LoRA API (vLLM); see adapters."""
+        await self.adapters.load(agent, path, version)
+
+    async def unload_weights(self, agent: str) -> None:
+        await self.adapters.unload(agent)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
 
     def _body(self, request: ChatRequest, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.agent_models.get(request.agent or "") or request.model or self.model_name,
+            "model": self._model_for(request),
             "messages": request.messages,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -248,7 +284,7 @@ class UpstreamEngine(Engine):
             prompt_text=prompt_text,
             choices=choices,
             model=self.model_name,
-            model_version=self.version_for(request.agent),
+            model_version=self.version_for(self.weights_key(request.agent, request.variant)),
         )
 
     async def close(self) -> None:
