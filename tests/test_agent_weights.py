@@ -273,6 +273,8 @@ async def test_upstream_engine_sends_agents_to_their_served_model():
         critic = await eng.chat(_req("x", "critic", model="client-name"))
     finally:
         await eng.close()
-    assert seen == ["writer-lora", "client-name"]
+    # Agents without their own model get the configured one, not the name they asked for (issue 20:
+    # a vLLM serving another model answers a client's name with 404).
+    assert seen == ["writer-lora", "base"]
     assert (writer.model_version, critic.model_version) == ("upstream:writer-lora", "upstream")
     assert eng.agent_versions == {"writer": "upstream:writer-lora"}

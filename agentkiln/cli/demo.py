@@ -69,7 +69,8 @@ def demo(
     eval_every: int = typer.Option(5),
     lr: float = typer.Option(2e-4),
     overlap: bool = typer.Option(True, help="sample the next step while learning this one (one step off-policy)"),
-    engine: str = typer.Option("smollm2", help="engine spec: smollm2 (real model) or tiny (smoke test)"),
+    engine: str = typer.Option("smollm2", help="engine spec: smollm2 (real model, embedded engine), vllm (SmolLM2 served by vLLM from .venv-vllm: "
+        "bash scripts/setup_vllm.sh) or tiny (smoke test)"),
     fresh: bool = typer.Option(True, help="start over instead of resuming a checkpoint in run_dir"),
     verbose: bool = typer.Option(False, help="log to the terminal instead of run_dir/demo.log"),
     report_to: str = typer.Option("tensorboard", help="experiment tracker: tensorboard (run_dir/tensorboard) or none"),

@@ -47,7 +47,11 @@ def serve(
         help="A key for front ends that may only POST /api/v1/feedback (users' thumbs, scores, corrections).",
     ),
     engine: str = typer.Option(
-        "smollm2", "--engine", help="Inference engine for the gateway; 'none' to serve only the store."
+        "smollm2",
+        "--engine",
+        help="Inference engine for the gateway: smollm2 (embedded), a model folder, vllm:<folder>[?options] "
+        "(kiln starts and supervises vLLM from .venv-vllm), upstream:<url>#<model>[?model_dir=<folder>] "
+        "(attach to a running server), or 'none' to serve only the store.",
     ),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001, help="Largest accepted request body."),
     weights_root: list[Path] = typer.Option(

@@ -1,7 +1,7 @@
 """Build an engine from a one-string spec (CLI flag / config value).
 
 Specs: "none" -> no engine; "smollm2" -> embedded SmolLM2-135M-Instruct (converted GGUF);
-"tiny" -> the tiny random model (tests, demos of plumbing); "vllm:<model folder|smollm2>[?options]"
+"tiny" -> the tiny random model (tests, demos of plumbing); "vllm" or "vllm:<model folder|smollm2>[?options]"
 -> a vLLM server kiln starts and supervises, driven token-in/token-out (engine/vllm; options in
 engine/vllm/options.py); "upstream:<base_url>[#model][?model_dir=<folder>&alias=<name>...]" -> an
 OpenAI-compatible server someone else runs (API key from $KILN_UPSTREAM_API_KEY or $OPENAI_API_KEY):
@@ -30,6 +30,8 @@ def build_engine(spec: str, **engine_kwargs: Any) -> Engine | None:
         return None
     if spec.startswith("upstream:"):
         return _upstream(spec[len("upstream:") :])
+    if spec.lower() == "vllm":  # the embedded model's folder, served by vLLM
+        spec = "vllm:smollm2"
     if spec.startswith("vllm:"):
         from agentkiln.engine.vllm import VLLMEngine, VLLMOptions
 

@@ -7,6 +7,8 @@ canary reshuffles which sessions try its candidate.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import hashlib
 
 from agentkiln.models import Canary, CanaryStatus
@@ -38,3 +40,13 @@ CANDIDATE_KEY_PREFIX = "candidate:"  # ':' never appears in an agent name, so ke
 def candidate_key(agent: str | None) -> str:
     """The engine weight-set key of a canary candidate's weights for `agent` (None: its main weights)."""
     return CANDIDATE_KEY_PREFIX + (agent or "")
+
+
+def weight_set_key(agent: str | None, variant: str | None, loaded: Container[str | None]) -> str | None:
+    """The weight set serving `agent`'s call: for a canary's candidate share its candidate set for this
+    agent, else the candidate's main set (when `loaded`); otherwise the agent's own key."""
+    if variant == CANDIDATE:
+        for key in (candidate_key(agent), candidate_key(None)):
+            if key in loaded:
+                return key
+    return agent

@@ -7,6 +7,7 @@ record different answers for the same tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from agentkiln.engine.base import ChatChoice, ChatRequest
@@ -43,3 +44,28 @@ def build_choice(
         parse_error=parsed.parse_error,
         constrained=constrained,
     )
+
+
+def build_choices(
+    tokenizer: Any,
+    template: ChatTemplate,
+    request: ChatRequest,
+    outputs: Iterable[tuple[list[int], list[float], str]],
+) -> list[ChatChoice]:
+    """`build_choice` for each sampled (ids, logprobs, finish reason), in order."""
+    from agentkiln.engine.constraints import grammar_spec
+
+    constrained = grammar_spec(request) is not None
+    return [
+        build_choice(
+            tokenizer,
+            template,
+            request,
+            index=i,
+            ids=ids,
+            logprobs=logprobs,
+            finish_reason=finish,
+            constrained=constrained,
+        )
+        for i, (ids, logprobs, finish) in enumerate(outputs)
+    ]

@@ -26,7 +26,7 @@ import torch
 
 from agentkiln.engine.base import ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.engine.chat import ChatTemplate, RenderedPrompt, template_for
-from agentkiln.engine.chat.output import build_choice
+from agentkiln.engine.chat.output import build_choices
 from agentkiln.engine.chat.renderer import PromptRenderer
 from agentkiln.engine.embedded.detokenizer import IncrementalDetokenizer
 from agentkiln.engine.embedded.grammar import GrammarCache, grammar_spec
@@ -282,20 +282,9 @@ class TransformersEngine(Engine):
         )
 
     def _result(self, request: ChatRequest, prompt: RenderedPrompt, outputs: list[SeqOutput]) -> ChatResult:
-        constrained = grammar_spec(request) is not None
-        choices = [
-            build_choice(
-                self.tokenizer,
-                self.chat_template,
-                request,
-                index=i,
-                ids=out.ids,
-                logprobs=out.logprobs,
-                finish_reason=out.finish_reason,
-                constrained=constrained,
-            )
-            for i, out in enumerate(outputs)
-        ]
+        choices = build_choices(
+            self.tokenizer, self.chat_template, request, [(o.ids, o.logprobs, o.finish_reason) for o in outputs]
+        )
         version = outputs[0].model_version if outputs else self.version_for(self.weights_key(request.agent, request.variant))
         return ChatResult(
             prompt_ids=prompt.ids,

@@ -18,7 +18,7 @@ import torch
 from agentkiln.engine.embedded.prefix_cache import Scope
 from agentkiln.engine.model_files import load_model
 from agentkiln.engine.weight_roots import WeightsRefused, check_format
-from agentkiln.production.assignment import CANDIDATE, candidate_key
+from agentkiln.production.assignment import weight_set_key
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,7 @@ class WeightSets:
 
     def key_for(self, agent: str | None, variant: str | None) -> str | None:
         """The set serving `agent` (for a canary candidate: its own set, else the candidate's main one)."""
-        if variant == CANDIDATE:
-            for key in (candidate_key(agent), candidate_key(None)):
-                if key in self.sets:
-                    return key
-        return agent
+        return weight_set_key(agent, variant, self.sets)
 
     def version_for(self, agent: str | None) -> str:
         return (self.sets.get(agent) or self.sets[None]).version

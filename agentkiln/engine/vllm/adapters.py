@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from agentkiln.engine.errors import EngineError, EngineRequestError, EngineUnavailable
-from agentkiln.production.assignment import CANDIDATE, candidate_key
+from agentkiln.production.assignment import weight_set_key
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,7 @@ class LoraAdapters:
 
     def key_for(self, agent: str | None, variant: str | None) -> str | None:
         """The weight set serving `agent` (for a canary candidate: its own set, else the candidate's main one)."""
-        if variant == CANDIDATE:
-            for key in (candidate_key(agent), candidate_key(None)):
-                if key in self.served:
-                    return key
-        return agent
+        return weight_set_key(agent, variant, self.served)
 
     def name_for(self, key: str | None) -> str | None:
         adapter = self.served.get(key)

@@ -36,7 +36,7 @@ import httpx
 
 from agentkiln.engine.base import ChatRequest, ChatResult, Engine, StreamDelta
 from agentkiln.engine.chat import RenderedPrompt, template_for
-from agentkiln.engine.chat.output import build_choice
+from agentkiln.engine.chat.output import build_choices
 from agentkiln.engine.chat.renderer import PromptRenderer
 from agentkiln.engine.constraints import grammar_ebnf, grammar_spec
 from agentkiln.engine.embedded.detokenizer import IncrementalDetokenizer
@@ -181,20 +181,7 @@ class VLLMEngine(Engine):
         return prompt, body, version
 
     def _result(self, request: ChatRequest, prompt: RenderedPrompt, outs: list[tuple[list[int], list[float], str]], version: str) -> ChatResult:
-        constrained = grammar_spec(request) is not None
-        choices = [
-            build_choice(
-                self.tokenizer,
-                self.chat_template,
-                request,
-                index=i,
-                ids=ids,
-                logprobs=logprobs,
-                finish_reason=finish,
-                constrained=constrained,
-            )
-            for i, (ids, logprobs, finish) in enumerate(outs)
-        ]
+        choices = build_choices(self.tokenizer, self.chat_template, request, outs)
         return ChatResult(
             prompt_ids=prompt.ids, prompt_text=prompt.text, choices=choices, model=self.model_name, model_version=version
         )
