@@ -59,9 +59,9 @@ async def test_example_is_served_by_vllm(kiln, example):
 
 def test_tool_call_through_the_gateway_asking_for_gpt_4_1(kiln):
     tools = [{"type": "function", "function": {"name": "calculate", "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}]
-    body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "What is 17 * 23?"}], "tools": tools, "tool_choice": "required", "max_tokens": 48}
+    body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "What is 17 * 23?"}], "tools": tools, "tool_choice": "required", "max_tokens": 64, "temperature": 0.8, "seed": 1}
     resp = httpx.post(kiln.url + "/v1/chat/completions", json=body, timeout=120)
     assert resp.status_code == 200, resp.text
     choice = resp.json()["choices"][0]
-    assert choice["finish_reason"] == "tool_calls"
+    assert choice["finish_reason"] == "tool_calls", choice
     assert choice["message"]["tool_calls"][0]["function"]["name"] == "calculate"
