@@ -213,6 +213,7 @@ class VLLMEngine(Engine):
         detok = IncrementalDetokenizer(self.tokenizer)
         visible = self.chat_template.stream_filter(request.stop, bool(request.tools))
         shown: list[str] = []
+        tail_ids: list[int] = []
         async with self._http.stream(_PATH, dumps(body)) as batches:
             async for batch in batches:
                 payloads, done = data_payloads(batch)
@@ -227,7 +228,8 @@ class VLLMEngine(Engine):
                         logprobs += _token_logprobs(c)
                         finish = c.get("finish_reason") or finish
                 ids += new_ids
-                if done:
+                if done:  # what came with the end goes out with the final result
+                    tail_ids = new_ids
                     break
                 if new_ids:
                     text = "".join(visible.feed(detok.add(t)) for t in new_ids)
@@ -237,7 +239,8 @@ class VLLMEngine(Engine):
             raise EngineResponseError(f"vLLM streamed {len(logprobs)} logprobs for {len(ids)} tokens")
         final = self._result(request, prompt, [(ids, logprobs, _finish(finish))], version)
         text, sent = final.choices[0].text, "".join(shown)
-        yield StreamDelta(index=0, text=text[len(sent) :] if text.startswith(sent) else "", final=final)
+        delta = text[len(sent) :] if text.startswith(sent) else ""
+        yield StreamDelta(index=0, text=delta, token_ids=tail_ids, final=final)
 
     # ---- weights and lifecycle ------------------------------------------------------------------
 
