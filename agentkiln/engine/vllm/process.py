@@ -172,6 +172,7 @@ class VLLMServer:
                 "(or set KILN_VLLM_PYTHON / the python= option)"
             )
         await self._spawn()
+        self._ready.set()
         self._monitor = asyncio.create_task(self._supervise(), name="kiln-vllm-supervisor")
 
     async def _spawn(self) -> None:
@@ -191,7 +192,6 @@ class VLLMServer:
         await self._warm_up()
         self.last_error = None
         self.startup_s = time.monotonic() - started
-        self._ready.set()
         log.info("vLLM (pid %d) healthy after %.0f s", self._proc.pid, time.monotonic() - started)
 
     async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> None:
@@ -254,7 +254,6 @@ class VLLMServer:
     async def _spawn_ready(self) -> None:
         """Spawn, then run the restart hooks before calls are let through."""
         await self._spawn()
-        self._ready.clear()
         try:
             for hook in self.on_restart:
                 await hook()
