@@ -48,7 +48,8 @@ class PromptRenderer:
         return self.template.render(request.messages, request.tools or None)
 
     async def render_async(self, request: ChatRequest) -> RenderedPrompt:
-        """`render`, refusing a surely too long prompt first and off the event loop when it is large."""
+        """`render`, refusing a surely too long prompt first, off the event loop when it is large, and
+        refusing a prompt that leaves no room in the context to generate."""
         chars = prompt_chars(request)
         if chars > 2 * self.max_context * self._max_token_chars:  # x2: slack for normalisers that drop text
             raise EngineRequestError(
@@ -56,8 +57,12 @@ class PromptRenderer:
                 f"the model's context is {self.max_context} tokens"
             )
         if chars > RENDER_ON_LOOP_CHARS:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, self.render, request)
-        return self.render(request)
+            prompt = await asyncio.get_running_loop().run_in_executor(self.pool, self.render, request)
+        else:
+            prompt = self.render(request)
+        if len(prompt.ids) >= self.max_context:
+            raise EngineRequestError(f"prompt has {len(prompt.ids)} tokens; the model's context is {self.max_context}")
+        return prompt
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the render thread (grammar compiles and other CPU work of a request)."""

@@ -41,7 +41,7 @@ from agentkiln.engine.chat.renderer import PromptRenderer
 from agentkiln.engine.constraints import grammar_ebnf, grammar_spec
 from agentkiln.engine.embedded.detokenizer import IncrementalDetokenizer
 from agentkiln.engine.embedded.sampler import find_stop_ids
-from agentkiln.engine.errors import EngineRequestError, EngineResponseError, EngineUnavailable
+from agentkiln.engine.errors import EngineResponseError, EngineUnavailable
 from agentkiln.engine.limits import GREEDY_BELOW_TEMPERATURE, unlimited_cap
 from agentkiln.engine.model_files import load_tokenizer
 from agentkiln.engine.upstream.sse import data_payloads
@@ -151,8 +151,6 @@ class VLLMEngine(Engine):
     async def _prepare(self, request: ChatRequest, stream: bool) -> tuple[RenderedPrompt, dict[str, Any], str]:
         self._check_ready()
         prompt = await self.renderer.render_async(request)
-        if len(prompt.ids) >= self.max_context:
-            raise EngineRequestError(f"prompt has {len(prompt.ids)} tokens; the model's context is {self.max_context}")
         spec = grammar_spec(request)
         key = self.weights_key(request.agent, request.variant)
         version = self.version_for(key)  # the name below serves exactly this version
