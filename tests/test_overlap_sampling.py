@@ -82,6 +82,9 @@ def test_unchanged_policy_gives_the_on_policy_loss(tmp_path) -> None:
     # Steps 2 and 4 validate, so steps 2 and 4 sample fresh; steps 1 -> 2 and 3 -> 4 overlap... and
     # step 1 (first) and 3 (after a validation) sample under the newest weights.
     assert [h["behind"] for h in result.history] == [0, 1, 0, 1]
+    for h in result.history:  # sampling throughput, read by bench/bench_demo_engines.py
+        assert h["sample_tokens"] > 0
+        assert h["sample_tokens_per_s"] == pytest.approx(h["sample_tokens"] / h["sample_s"], rel=1e-2)
     fresh = Learner(str(tiny_model_dir()), algo.config)
     for transitions, metrics in algo.seen:
         assert transitions, "every step trains on something"

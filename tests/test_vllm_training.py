@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import threading
 import time
@@ -34,16 +35,24 @@ pytestmark = pytest.mark.slow
 LORA = LoraSettings(r=8, alpha=16)
 
 
-def grpo(steps: int) -> GRPO:
+def grpo(steps: int, samples_per_task: int = 2) -> GRPO:
     return GRPO(
         model_dir=str(model_files.smollm2_dir()),
         steps=steps,
         tasks_per_step=2,
-        samples_per_task=2,
+        samples_per_task=samples_per_task,
         eval_every=100,
         config=GRPOConfig(lr=5e-3, lora=LORA, bf16=False),
         credit=CreditConfig(scale_by_std=False),
     )
+
+
+def noisy_calculator_agent(task, llm, rollout, prompts=None) -> float:
+    """The demo agent with a random reward: every group has a non-zero advantage, so step 1
+    always moves the adapter (the demo's 0/1 reward gives equal-reward groups, and with them
+    an unchanged adapter that base and adapted log-probs cannot tell apart)."""
+    calculator_agent(task, llm, rollout, prompts)
+    return random.random()
 
 
 async def stored(db) -> tuple[list, dict[str, list]]:
@@ -63,8 +72,8 @@ def vllm_url(tmp_path_factory):
 def test_grpo_step_is_served_by_vllm_with_the_learners_logprobs(tmp_path, vllm_url):
     db = tmp_path / "kiln.db"
     engine = VLLMEngine(base_url=vllm_url, model_dir=model_files.smollm2_dir(), served_model=SERVED)
-    trainer = Trainer(grpo(2), n_runners=4, store=f"sqlite:///{db}", engine=engine, run_dir=tmp_path / "run")
-    result = trainer.fit(calculator_agent, make_tasks(8, seed=1))
+    trainer = Trainer(grpo(2, samples_per_task=3), n_runners=4, store=f"sqlite:///{db}", engine=engine, run_dir=tmp_path / "run")
+    result = trainer.fit(noisy_calculator_agent, make_tasks(8, seed=1))
     assert [h["step"] for h in result.history] == [1, 2]
 
     rollouts, spans = asyncio.run(stored(db))

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from agentkiln.models import LLMEndpoint, PromptTemplate, Resources, ResourcesIn, RolloutConfig, RolloutMode
 from agentkiln.training.context import TrainingContext, TrainingResult
 from agentkiln.training.policies import BEST_DIR, Policy, plan_policies, published_llms
-from agentkiln.training.trace import Trace, mean_reward, run_rollouts
+from agentkiln.training.trace import Trace, mean_reward, run_rollouts, sampled_tokens
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,8 @@ async def train_weights(
         pending = sample(step + 1) if more and plan.overlap and not due else None
         traces = sampled.traces
         record: dict[str, Any] = {unit: step, "train_reward": mean_reward(traces), "sample_s": sampled.seconds}
+        tokens = sampled_tokens(traces)
+        record.update(sample_tokens=tokens, sample_tokens_per_s=round(tokens / sampled.seconds, 1) if sampled.seconds > 0 else 0.0)
         if plan.overlap:
             record["behind"] = sampled.behind
         t0 = time.monotonic()

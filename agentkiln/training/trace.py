@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from agentkiln.adapter.credit import final_reward, reward_events
 from agentkiln.adapter.transitions import latest_attempt
 from agentkiln.models import Attempt, AttemptStatus, Rollout, RolloutConfig, RolloutMode, RolloutStatus, Span
+from agentkiln.protocol import SpanAttrs, SpanNames
 from agentkiln.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,16 @@ class Trace(NamedTuple):
 def skip_counts(skipped: Sequence[Any]) -> dict[str, int]:
     """How many LLM calls the adapter left out, by reason (SkippedCall.reason)."""
     return dict(Counter(getattr(s.reason, "value", str(s.reason)) for s in skipped))
+
+
+def sampled_tokens(traces: Sequence[Trace]) -> int:
+    """Response tokens the engine generated for these rollouts' latest attempts (sampling throughput)."""
+    return sum(
+        len(s.attributes.get(SpanAttrs.response_token_ids) or ())
+        for t in traces
+        for s in t.latest_spans()
+        if s.name == SpanNames.llm_call
+    )
 
 
 def mean_reward(traces: Sequence[Any]) -> float:
