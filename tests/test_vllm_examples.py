@@ -14,7 +14,7 @@ import pytest
 from agentkiln.engine import model_files
 from agentkiln.engine.vllm import VLLMEngine
 from agentkiln.protocol import SpanAttrs
-from examples import autogen_team, langgraph_react, openai_agents_sdk, openai_sdk_agent
+from examples import autogen_team, langgraph_react, openai_agents_sdk, openai_sdk_agent, semantic_kernel_agent
 from tests.test_frameworks_common import serving
 from tests.vllm_fixtures import SERVED, start_vllm
 
@@ -27,6 +27,7 @@ EXAMPLES = [
     langgraph_react.agent,
     langgraph_react.write_check,
     autogen_team.agent,
+    semantic_kernel_agent.agent,
 ]
 
 
