@@ -16,6 +16,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from pydantic import BaseModel, Field
 
 from agentkiln.engine.embedded import TransformersEngine
 from agentkiln.engine.model_files import tiny_model_dir
@@ -296,3 +297,40 @@ def test_upstream_gets_formats_and_unused_fields_unchanged():
     assert responses["response_format"] == PERSON_FORMAT and responses["top_k"] == 3
     assert "text" not in responses
     assert json_object["response_format"] == {"type": "json_object"}
+
+
+# --------------------------------------------------------------------------- LangChain with_structured_output
+
+
+class Person(BaseModel):
+    """A person (LangChain sends this model as the response schema or as the one tool)."""
+
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=150)
+    member: bool
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "constrained_by"),
+    [({}, "response_format"), ({"method": "json_schema"}, "response_format"), ({"method": "function_calling"}, "tool")],
+    ids=["default", "json_schema", "function_calling"],
+)
+def test_langchain_with_structured_output(env, kwargs, constrained_by):
+    """`ChatOpenAI.with_structured_output(Person)` parses from the random model: the grammar made it schema-valid."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model="gpt-4.1", base_url=str(env.client.base_url), api_key="x", max_retries=0, max_tokens=80, seed=8
+    )
+    before = spans_now(env)
+    out = chat.with_structured_output(Person, include_raw=True, **kwargs).invoke("Describe a person.")
+    assert out["parsing_error"] is None and isinstance(out["parsed"], Person), out
+    call = last_call(env, before + 1)
+    assert call.constrained is True
+    if constrained_by == "tool":  # LangChain forces its one tool: tool_choice names it
+        (tool_call,) = out["raw"].tool_calls
+        assert tool_call["name"] == "Person" and Person(**tool_call["args"]) == out["parsed"]
+        assert call.request["tool_choice"] == {"type": "function", "function": {"name": "Person"}}
+    else:
+        assert call.request["structured"]["type"] == "json_schema"
+        assert Person.model_validate_json(out["raw"].content) == out["parsed"]
