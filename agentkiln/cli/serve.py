@@ -93,6 +93,12 @@ def serve(
     canary_interval_s: float = typer.Option(
         5.0, "--canary-interval-s", help="How often the active canary's rule is checked; 0: decided only by hand."
     ),
+    agent_name: list[str] = typer.Option(
+        [],
+        "--agent-name",
+        help="REGEX=NAME: a gateway call whose system prompt (or Responses instructions) matches REGEX "
+        "(re.search) is recorded as agent NAME, for agents sharing one client. Repeatable; first match wins.",
+    ),
 ) -> None:
     """Serve the store API over HTTP so runners and trainers on other processes or hosts share it."""
     from agentkiln.production.capture import CaptureConfig
@@ -112,6 +118,12 @@ def serve(
         Redactor.build(capture_config.redact, capture_config.redact_hook)  # a bad pattern or hook fails here
     except (ValueError, ImportError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--redact / --redact-hook") from None
+    from agentkiln.gateway.agent_names import AgentNames
+
+    try:
+        agent_names = AgentNames.from_cli(agent_name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--agent-name") from None
 
     shown = re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", store)  # a password in a database URL stays out of logs
     log.info("serving store %s on http://%s:%d (engine: %s)", shown, host, port, engine)
@@ -130,6 +142,7 @@ def serve(
             max_tokens_default=max_tokens_default,
             capture=capture_config,
             canary_interval_s=canary_interval_s,
+            agent_names=agent_names,
         )
     except UnsafeBindError as exc:
         raise typer.BadParameter(str(exc), param_hint="--host") from None

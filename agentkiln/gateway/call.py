@@ -211,7 +211,12 @@ class GatewayCall:
         agent_in_path = path_agent(request)  # a bad name is rejected before the store is read
         target = await resolve_target(request, deps.get_store)
         agent = resolve_agent_name(
-            request.headers, body.metadata, body.user, engine_request.messages, path_agent=agent_in_path
+            request.headers,
+            body.metadata,
+            body.user,
+            engine_request.messages,
+            path_agent=agent_in_path,
+            agent_names=getattr(request.app.state, "agent_names", None),  # `create_app(agent_names=...)`
         )
         engine_request.agent = agent
         session = None

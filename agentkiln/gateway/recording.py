@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from agentkiln.engine.base import ChatRequest, ChatResult
+from agentkiln.gateway.agent_names import PROMPT_ROLES, AgentNames
 from agentkiln.models import FailureKind, SpanIn, SpanStatus
 from agentkiln.protocol import Headers, LLMCall, SpanAttrs, SpanNames
 
@@ -24,12 +25,22 @@ def resolve_agent_name(
     user: Optional[str],
     messages: list[dict],
     path_agent: Optional[str] = None,
+    agent_names: Optional[AgentNames] = None,
 ) -> Optional[str]:
-    """Which agent made the call: the `/agent/{name}/v1` path, the X-Kiln-Agent header,
-    metadata.agent / user, then the last system message's name.
+    """Which agent made the call, first found of: the `/agent/{name}/v1` path, the X-Kiln-Agent
+    header, metadata.agent, the user's `agent_names` map (a rule found in the system/developer
+    prompt), the `user` field, then the last system/developer message's `name`; else None.
 
-    The name is what lets the adapter train only some agents of a multi-agent program. The path
-    wins because it was fixed when that agent's client was built (`llm.for_agent(name)`).
+    The name is what lets the adapter train only some agents of a multi-agent program (and the
+    engine serve an agent its own weights). The path wins because it was fixed when that agent's
+    client was built (`llm.for_agent(name)`); header and metadata are set per call by the agent's
+    code. The map comes next, ahead of `user`: it is the operator's explicit rule, while `user` is
+    OpenAI's end-user id that clients also fill for other reasons (with no map configured the order
+    of the other sources is unchanged). Names the client put on messages come last, and only the
+    system message's: it speaks for the calling agent. Other messages' names are not used, because
+    they name who said that message — AutoGen (0.4+) puts the sender's name on user messages (the
+    user, the other agents) and none on system or assistant messages, so a team sharing one client
+    sends nothing that names the speaker, and needs the map (or `for_agent` clients).
     """
     if path_agent:
         return path_agent
@@ -38,10 +49,14 @@ def resolve_agent_name(
         return header
     if metadata and isinstance(metadata.get("agent"), str) and metadata["agent"]:
         return metadata["agent"]
+    if agent_names:
+        mapped = agent_names.name_for(messages)
+        if mapped is not None:
+            return mapped
     if user:
         return user
     for msg in reversed(messages):
-        if msg.get("role") in ("system", "developer") and msg.get("name"):
+        if msg.get("role") in PROMPT_ROLES and msg.get("name"):
             return str(msg["name"])
     return None
 

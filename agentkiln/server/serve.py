@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from agentkiln.engine.weight_roots import DEFAULT_MAX_WEIGHT_SETS, WeightsPolicy
+from agentkiln.gateway.agent_names import AgentNames, AgentNamesSpec
 from agentkiln.production.capture import CaptureConfig
 from agentkiln.server.app import create_app
 from agentkiln.server.host_check import LOOPBACK_HOSTS, check_bind
@@ -149,13 +150,16 @@ async def serve_async(
     max_tokens_default: Optional[int] = None,
     capture: Optional[CaptureConfig] = None,
     canary_interval_s: float = 5.0,
+    agent_names: AgentNamesSpec = None,
 ) -> None:
     """`max_tokens_default` bounds the answer of a gateway client that sends no token limit (None:
     until a stop or the model's context limit).
 
     `weights_roots` (plus $KILN_WEIGHTS_ROOTS; ./runs when both are empty) are the only folders
-    published weights are loaded from; the hub is never reached (offline mode)."""
+    published weights are loaded from; the hub is never reached (offline mode). `agent_names` names
+    gateway calls by their system prompt (gateway/agent_names.py)."""
     check_bind(host, api_key)  # before anything is opened: a refused start leaves nothing behind
+    names = AgentNames.of(agent_names)  # a bad rule fails before the store and engine are opened
     # Nothing the server loads may come from the hub (a published adapter_path could name a hub id).
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
     weights_policy = WeightsPolicy.build(weights_roots, max_weight_sets, default=DEFAULT_WEIGHTS_ROOT)
@@ -177,6 +181,7 @@ async def serve_async(
         weights_policy=weights_policy,
         capture=capture,
         canary_interval_s=canary_interval_s,
+        agent_names=names,
     )
     log.info("published weights load only from %s", ", ".join(str(r) for r in weights_policy.roots))
     app.state.engine = engine

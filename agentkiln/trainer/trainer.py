@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from agentkiln.engine.base import Engine
+from agentkiln.gateway.agent_names import AgentNames, AgentNamesSpec
 from agentkiln.training.context import Algorithm, TrainingContext, TrainingResult
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,16 @@ class Trainer:
         runners: str = "local",
         ray_address: Optional[str] = None,
         ray_options: Any = None,
+        agent_names: AgentNamesSpec = None,
     ) -> None:
         """runners: "local" (workers in this process, `runner_mode` thread or process) or "ray"
         (n_runners Ray actors: a local Ray instance, or the cluster at `ray_address`; per-actor
-        resource hints in `ray_options`, a RayActorOptions)."""
+        resource hints in `ray_options`, a RayActorOptions).
+
+        agent_names: {regex: agent name} rules the embedded gateway names calls by, searched in
+        each call's system prompt (first match wins), for agents that share one client; then
+        `GRPO(agent_match=...)` / `GRPO(agents=[...])` select them. A server at `server_url` takes
+        them as `kiln serve --agent-name REGEX=NAME` instead."""
         if runners not in ("local", "ray"):
             raise ValueError(f"runners must be 'local' or 'ray', got {runners!r}")
         self.algorithm = algorithm
@@ -62,6 +69,9 @@ class Trainer:
         self.runners = runners
         self.ray_address = ray_address
         self.ray_options = ray_options
+        self.agent_names = AgentNames.of(agent_names)  # a bad rule fails here, not when the server starts
+        if self.agent_names and server_url is not None:
+            raise ValueError("agent_names configure the embedded server; give them to `kiln serve --agent-name`")
         self._server: Any = None
         self._engine_obj: Optional[Engine] = None
 
@@ -85,7 +95,12 @@ class Trainer:
         if self.api_key and not self.runner_key:
             self.runner_key = secrets.token_urlsafe(32)
         app = create_app(
-            store, api_key=self.api_key, runner_key=self.runner_key, engine=engine, weights_policy=policy
+            store,
+            api_key=self.api_key,
+            runner_key=self.runner_key,
+            engine=engine,
+            weights_policy=policy,
+            agent_names=self.agent_names,
         )
         app.state.run_dirs = [self.run_dir]  # the dashboard shows this run
         own_resources(app, store, engine)
