@@ -1,9 +1,13 @@
 """AutoGen AgentChat: an `AssistantAgent` with a tool, and a two-agent `RoundRobinGroupChat` team.
 
 AutoGen's `OpenAIChatCompletionClient` only knows OpenAI's model names, so it needs `model_info`
-for ours. Each agent gets its own client whose base URL names it (`llm.for_agent(...)`): in a
-team every agent runs in the same task, so only the URL can tell their calls apart.
-Run: `kiln run examples.autogen_team:agent` or `examples.autogen_team:team`.
+for ours. In `team` each agent gets its own client whose base URL names it (`llm.for_agent(...)`):
+every agent runs in the same task, and AutoGen names no speaker in what it sends (only the senders
+of user messages), so nothing else in a call tells them apart. `shared_team` keeps AutoGen's usual
+one client for the team; the gateway then names each call by its system prompt with the rules in
+`AGENT_NAMES` (`kiln.Trainer(..., agent_names=AGENT_NAMES)` or `kiln serve --agent-name
+'^You solve=solver' --agent-name '^You review=reviewer'`).
+Run: `kiln run examples.autogen_team:agent` (or `:team`, `:shared_team`).
 """
 
 from __future__ import annotations
@@ -60,19 +64,45 @@ async def agent(task: Any, llm: kiln.LLMHandle) -> float:
         await client.close()
 
 
+# Agent name <- the system prompt that starts it, for `shared_team` (searched with re.search).
+AGENT_NAMES = {"^You solve arithmetic": "solver", "^You review the solver": "reviewer"}
+
+
+async def run_team(
+    task: Any, solver_client: OpenAIChatCompletionClient, reviewer_client: OpenAIChatCompletionClient
+) -> float:
+    """Solver and reviewer take turns until the reviewer says APPROVED (or 6 messages)."""
+    solver = solver_agent(solver_client)
+    reviewer = AssistantAgent("reviewer", model_client=reviewer_client, system_message=REVIEWER_PROMPT)
+    stop = TextMentionTermination("APPROVED", sources=["reviewer"]) | MaxMessageTermination(6)
+    result = await RoundRobinGroupChat([solver, reviewer], termination_condition=stop).run(task=common.question(task))
+    answers = [m.content for m in result.messages if m.source == "solver" and isinstance(m.content, str)]
+    return common.score(answers[-1] if answers else None, task)
+
+
 @kiln.rollout
 async def team(task: Any, llm: kiln.LLMHandle) -> float:
-    """Solver and reviewer take turns until the reviewer says APPROVED (or 6 messages)."""
+    """One client per agent, each named by its URL."""
     clients = [model_client(llm, "solver"), model_client(llm, "reviewer")]
     try:
-        solver = solver_agent(clients[0])
-        reviewer = AssistantAgent("reviewer", model_client=clients[1], system_message=REVIEWER_PROMPT)
-        stop = TextMentionTermination("APPROVED", sources=["reviewer"]) | MaxMessageTermination(6)
-        result = await RoundRobinGroupChat([solver, reviewer], termination_condition=stop).run(
-            task=common.question(task)
-        )
-        answers = [m.content for m in result.messages if m.source == "solver" and isinstance(m.content, str)]
-        return common.score(answers[-1] if answers else None, task)
+        return await run_team(task, *clients)
     finally:
         for client in clients:
             await client.close()
+
+
+@kiln.rollout
+async def shared_team(task: Any, llm: kiln.LLMHandle) -> float:
+    """One client for both agents: their calls are named by the server's `AGENT_NAMES` rules."""
+    client = OpenAIChatCompletionClient(
+        model=llm.model,
+        base_url=llm.base_url,
+        api_key=llm.api_key,
+        model_info=MODEL_INFO,
+        max_retries=1,
+        **llm.sampling,
+    )
+    try:
+        return await run_team(task, client, client)
+    finally:
+        await client.close()

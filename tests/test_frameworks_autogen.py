@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from agentkiln.adapter.transitions import build_transitions
 from agentkiln.engine.base import ChatRequest
 from agentkiln.models import FailureKind
 from agentkiln.protocol import SpanAttrs
@@ -50,3 +51,30 @@ async def test_tool_failure_is_reported_to_the_model_and_recorded(kiln_server):
     (tool,) = run.tool_spans
     assert tool.attributes[SpanAttrs.failure_kind] == FailureKind.tool_error.value
     assert "ZeroDivisionError" in tool.attributes[SpanAttrs.exception_message]
+
+
+# --------------------------------------------------------------------------- one client for the team
+
+
+async def test_shared_client_team_sends_no_speaker_name(kiln_server):
+    """AutoGen names the senders of user messages, never the speaker: with no map no call is named
+    (the reviewer's call carries "user" and "solver" names, neither of them its own)."""
+    run = await kiln_server(ScriptedEngine(team_policy)).run(autogen_team.shared_team)
+    assert_recorded(run, n_calls=3, agent=None, reward=1.0)
+    assert run.agents() == [None, None, None]
+    review = run.calls[2].attributes[SpanAttrs.request]["messages"]
+    assert review[0]["role"] == "system" and "name" not in review[0]
+    assert [m.get("name") for m in review if m["role"] == "user"] == ["user", "solver"]
+
+
+async def test_shared_client_team_is_named_by_the_agent_name_map(kiln_server):
+    engine = ScriptedEngine(team_policy)
+    run = await kiln_server(engine, agent_names=autogen_team.AGENT_NAMES).run(autogen_team.shared_team)
+    assert_recorded(run, n_calls=3, agent=None, reward=1.0)
+    assert run.agents() == ["solver", "solver", "reviewer"]
+    assert [r.agent for r in engine.requests] == ["solver", "solver", "reviewer"]  # picks per-agent weights
+    # What training reads: agent_match (and each GRPO(agents=[...]) learner's pattern) selects by it.
+    reviewer = build_transitions(run.rollout, run.attempts, run.spans, agent_match="^reviewer$")
+    assert [t.agent for t in reviewer.transitions] == ["reviewer"]
+    solver = build_transitions(run.rollout, run.attempts, run.spans, agent_match="^solver$")
+    assert len(solver.transitions) == 2 and {t.agent for t in solver.transitions} == {"solver"}

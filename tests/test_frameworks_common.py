@@ -58,10 +58,11 @@ class Run:
 
 
 class KilnServer:
-    """create_app (store API + gateway) over an in-memory store, with `engine` attached."""
+    """create_app (store API + gateway) over an in-memory store, with `engine` attached
+    (`app_options`: more create_app keywords, e.g. agent_names)."""
 
-    def __init__(self, engine: Engine) -> None:
-        app = create_app(InMemoryStore(sweep_interval_s=None), sweep_interval_s=0)
+    def __init__(self, engine: Engine, **app_options: Any) -> None:
+        app = create_app(InMemoryStore(sweep_interval_s=None), sweep_interval_s=0, **app_options)
         app.state.engine = engine
         self.engine = engine
         self._thread = ServerThread(app)
@@ -89,11 +90,12 @@ class KilnServer:
 
 
 def serving() -> Iterator[Any]:
-    """Body of each test file's `kiln_server` fixture: `kiln_server(engine)` starts a server, stopped at teardown."""
+    """Body of each test file's `kiln_server` fixture: `kiln_server(engine, **app_options)` starts a
+    server, stopped at teardown."""
     started: list[KilnServer] = []
 
-    def start(engine: Engine) -> KilnServer:
-        started.append(KilnServer(engine))
+    def start(engine: Engine, **app_options: Any) -> KilnServer:
+        started.append(KilnServer(engine, **app_options))
         return started[-1]
 
     yield start

@@ -11,7 +11,7 @@ import pytest
 from agentkiln.adapter.transitions import build_transitions
 from agentkiln.engine.factory import build_engine
 from agentkiln.protocol import SpanAttrs
-from examples import langgraph_react
+from examples import autogen_team, langgraph_react
 from tests.test_frameworks_common import serving
 
 pytestmark = pytest.mark.slow
@@ -46,3 +46,19 @@ async def test_langgraph_write_check_on_tiny_engine(kiln_server):
     result = build_transitions(run.rollout, run.attempts, run.spans, agent_match="^writer$")
     assert len(result.transitions) == len(run.calls) // 2
     assert all(t.prompt_ids and t.response_ids for t in result.transitions)
+
+
+async def test_autogen_shared_client_team_on_tiny_engine_is_named_by_the_map(kiln_server):
+    """Two AssistantAgents on ONE OpenAIChatCompletionClient: the calls differ only in the system
+    prompt, which the server's agent-name map turns into the recorded (and trained) agent name."""
+    server = kiln_server(build_engine("tiny"), agent_names=autogen_team.AGENT_NAMES)
+    run = await server.run(autogen_team.shared_team, sampling={"max_tokens": 8, "temperature": 0.0})
+    assert run.attempt.status.value == "succeeded", run.attempt.error
+    # The random model never calls the tool nor says APPROVED: 5 turns after the task, solver first.
+    assert run.agents() == ["solver", "reviewer", "solver", "reviewer", "solver"]
+    for span, agent in zip(run.calls, run.agents()):
+        system = span.attributes[SpanAttrs.request]["messages"][0]
+        assert system["role"] == "system" and "name" not in system  # AutoGen sends no name of its own
+        assert system["content"].startswith({"solver": "You solve", "reviewer": "You review"}[agent])
+    result = build_transitions(run.rollout, run.attempts, run.spans, agent_match="^reviewer$")
+    assert len(result.transitions) == 2 and {t.agent for t in result.transitions} == {"reviewer"}
