@@ -84,23 +84,23 @@ def create_app(
     weights_policy: WeightsPolicy | None = None,
     capture: CaptureConfig | None = None,
     canary_interval_s: float = 5.0,
-) -> FastAPI:
     agent_names: AgentNamesSpec = None,
+) -> FastAPI:
     """Build the server around `store`. sweep_interval_s <= 0 turns the background sweep off.
 
     `api_key` is the admin key; `runner_key` (needs `api_key`) is the runners' narrower key;
     agents get per-attempt tokens (see server/auth.py). `capture` records plain /v1 calls on
     production sessions (agentkiln/production/capture.py; default off). The active canary is
     decided by its rule every `canary_interval_s` (<= 0: only by hand; production/canary.py).
-    """
     `agent_names` ({regex: name} or (regex, name) pairs) names gateway calls by their system prompt
     (gateway/agent_names.py); a bad rule raises ValueError here.
+    """
     if runner_key and not api_key:
         raise ValueError("a runner key needs an admin API key beside it")
     if feedback_key and not api_key:  # `feedback_key`: a front end's key that may only post feedback
         raise ValueError("a feedback key needs an admin API key beside it")
-
     names = AgentNames.of(agent_names)  # a bad rule fails before anything starts
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tasks: list[asyncio.Task[None]] = []
@@ -132,8 +132,8 @@ def create_app(
     app.state.model_sync = None
     app.state.canary_controller = None
     app.state.production = ProductionCapture(capture or CaptureConfig())  # the gateway reads it per call
-    # Which published weights may be loaded (default: only under $KILN_WEIGHTS_ROOTS; see weight_roots).
     app.state.agent_names = names  # the gateway reads it per call
+    # Which published weights may be loaded (default: only under $KILN_WEIGHTS_ROOTS; see weight_roots).
     app.state.weights_policy = weights_policy if weights_policy is not None else WeightsPolicy.build()
     app.state.attempt_tokens = AttemptTokens.for_key(api_key)  # the dequeue/start routes mint one per attempt
     install_error_handlers(app)
