@@ -463,3 +463,31 @@ class Canary(CanaryIn):
     ended_at: Optional[float] = None
     promoted_resources_id: Optional[str] = Field(default=None, description="the deployed version a promotion published")
     decisions: list[CanaryDecision] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- Responses API state
+
+MAX_RECORD_BYTES = 10**15  # a byte count any store column holds (and JSON numbers carry exactly)
+
+
+class StoredResponse(_Wire):
+    """A Responses API response kept for `previous_response_id`, GET and DELETE (gateway/responses/state.py).
+
+    In the store, not in one server process, so it outlives a restart and every replica on one
+    database finds it. Immutable once stored: a later turn is a new record with the longer conversation.
+    """
+
+    response_id: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
+    response: dict[str, Any] = Field(description="the response object as the API returned it")
+    input_items: list[dict[str, Any]] = Field(default_factory=list, description="this request's input, with ids")
+    conversation: list[dict[str, Any]] = Field(
+        default_factory=list, description="every item up to and including its output: what a continuation sends"
+    )
+    rollout_id: Optional[str] = Field(
+        default=None, max_length=MAX_NAME_LENGTH, description="owner: the attempt that made it (None: not recorded)"
+    )
+    attempt_id: Optional[str] = Field(default=None, max_length=MAX_NAME_LENGTH)
+    created_at: Number = Field(default_factory=now)
+    size: Integer = Field(
+        ge=0, le=MAX_RECORD_BYTES, description="JSON bytes of response, input items and conversation (the byte bound)"
+    )

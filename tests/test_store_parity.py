@@ -26,6 +26,7 @@ from agentkiln.models import (
     RolloutStatus,
     Span,
     SpanIn,
+    StoredResponse,
     WorkerStatus,
 )
 from agentkiln.models import now as wall_now
@@ -678,3 +679,72 @@ async def test_sqlite_version_1_file_upgrades_for_sessions(tmp_path: Path) -> No
         assert len(await store.query_spans(session_rollout_id("two"))) == 1
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+# --------------------------------------------------------------------------- Responses API state
+
+
+def _stored(rid: str, created_at: float, size: int = 100, **fields: object) -> StoredResponse:
+    return StoredResponse(response_id=rid, response={"id": rid, "output": []}, created_at=created_at, size=size,
+                          **fields)  # type: ignore[arg-type]  # fmt: skip
+
+
+async def test_stored_responses_round_trip_and_delete(store: Store) -> None:
+    rec = StoredResponse(
+        response_id="resp_1",
+        response={"id": "resp_1", "object": "response", "output": [{"type": "message", "content": [{"text": "é"}]}]},
+        input_items=[{"id": "msg_1", "type": "message", "role": "user", "content": "hi"}],
+        conversation=[{"type": "message", "role": "user", "content": "hi"}, {"type": "function_call", "name": "f"}],
+        rollout_id="ro-1",
+        attempt_id="at-1",
+        created_at=1_700_000_000.25,
+        size=321,
+    )
+    await store.put_response(rec)
+    assert await store.get_response("resp_1") == rec
+    again = rec.model_copy(update={"size": 322})
+    await store.put_response(again)  # a retried put replaces, never duplicates
+    assert await store.get_response("resp_1") == again
+    await store.delete_response("resp_1")
+    with pytest.raises(NotFoundError):
+        await store.get_response("resp_1")
+    with pytest.raises(NotFoundError):
+        await store.delete_response("resp_1")
+    with pytest.raises(NotFoundError):
+        await store.get_response("resp_never")
+
+
+async def test_purge_responses_applies_age_then_bytes_oldest_first(store: Store) -> None:
+    for i in range(6):  # created 0..5 s after t0, 100 bytes each
+        await store.put_response(_stored(f"r{i}", 1_000.0 + i))
+    assert await store.purge_responses(before=0.0, max_bytes=10_000) == 0  # within both bounds
+    assert await store.purge_responses(before=1_001.5, max_bytes=10_000) == 2  # r0, r1: too old
+    # 400 bytes left (r2..r5); 250 allowed: the oldest go until the rest fit.
+    assert await store.purge_responses(before=0.0, max_bytes=250) == 2
+    for gone in ("r0", "r1", "r2", "r3"):
+        with pytest.raises(NotFoundError):
+            await store.get_response(gone)
+    assert [(await store.get_response(k)).response_id for k in ("r4", "r5")] == ["r4", "r5"]
+    with pytest.raises(ValidationError):
+        await store.purge_responses(before=0.0, max_bytes=10, limit=0)
+
+
+async def test_purge_responses_is_bounded_per_call(store: Store) -> None:
+    for i in range(5):
+        await store.put_response(_stored(f"old{i}", 10.0 + i))
+    assert await store.purge_responses(before=100.0, max_bytes=10_000, limit=2) == 2
+    with pytest.raises(NotFoundError):  # the oldest first
+        await store.get_response("old1")
+    assert (await store.get_response("old2")).response_id == "old2"
+    assert await store.purge_responses(before=100.0, max_bytes=10_000, limit=2) == 2
+    assert await store.purge_responses(before=100.0, max_bytes=10_000, limit=2) == 1
+    assert await store.purge_responses(before=100.0, max_bytes=10_000, limit=2) == 0
+
+
+async def test_sqlite_stored_responses_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    async with SqliteStore(path) as store:
+        await store.put_response(_stored("resp_kept", 5.0, rollout_id="ro", attempt_id="at"))
+    async with SqliteStore(path) as store:
+        got = await store.get_response("resp_kept")
+        assert (got.rollout_id, got.attempt_id, got.size) == ("ro", "at", 100)

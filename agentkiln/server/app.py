@@ -38,6 +38,7 @@ from agentkiln.server.load_shedding import MAX_IN_FLIGHT, LoadShedMiddleware
 from agentkiln.server.idempotency import IdempotencyMiddleware, RecentSpans
 from agentkiln.server.metrics import install_metrics
 from agentkiln.server.otlp import build_otlp_router
+from agentkiln.server.response_store_routes import router as response_store_router
 from agentkiln.server.store_routes import router as store_router
 from agentkiln.store.base import Store
 
@@ -140,6 +141,7 @@ def create_app(
     app.include_router(store_router)
     app.include_router(feedback_router)
     app.include_router(canary_store_router)
+    app.include_router(response_store_router)
     app.include_router(build_otlp_router())
     app.include_router(build_engine_status_router())
     app.include_router(build_canary_router())

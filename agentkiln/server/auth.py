@@ -129,6 +129,10 @@ _ADMIN_ONLY = [
         ("GET", "/feedback"),  # users' comments and corrections: read by the operator only
         ("GET", f"/sessions/{_ID}"),
         ("POST", "/purge-production"),
+        ("POST", "/stored-responses"),  # whole conversations of every attempt (response_store_routes)
+        ("GET", f"/stored-responses/{_ID}"),
+        ("DELETE", f"/stored-responses/{_ID}"),
+        ("POST", "/purge-stored-responses"),
     ]
 ]
 _ATTEMPT_GATEWAY = re.compile(

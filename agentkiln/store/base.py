@@ -1,4 +1,4 @@
-"""The one async interface every store backend (memory, SQLite, HTTP client) implements.
+"""The one async interface every store backend (memory, SQLite, PostgreSQL, HTTP client) implements.
 
 The store is the only state the trainer and the agents share, so all lifecycle rules
 (retries, timeouts, heartbeats) live behind this interface and behave the same on
@@ -29,6 +29,7 @@ from agentkiln.models import (
     RolloutStatus,
     Span,
     SpanIn,
+    StoredResponse,
     Worker,
     WorkerStatus,
 )
@@ -277,6 +278,26 @@ class Store(abc.ABC):
         """End an active canary: "promote" -> promoted, "rollback" -> rolled_back; the decision is
         appended. InvalidTransitionError when it is no longer active (one decider wins a race)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ Responses API state
+    @abc.abstractmethod
+    async def put_response(self, record: StoredResponse) -> None:
+        """Store durably before returning; a record of the same id is replaced (a retried put)."""
+
+    @abc.abstractmethod
+    async def get_response(self, response_id: str) -> StoredResponse:
+        """Raises NotFoundError. Age is the caller's rule (it compares `created_at`), so a record
+        past its age but not yet purged still comes back."""
+
+    @abc.abstractmethod
+    async def delete_response(self, response_id: str) -> None:
+        """Raises NotFoundError when there is none."""
+
+    @abc.abstractmethod
+    async def purge_responses(self, *, before: float, max_bytes: int, limit: int = 1_000) -> int:
+        """The bounds: delete records created before `before`, then the oldest while the sizes of all
+        together exceed `max_bytes`; at most `limit` per call (bounded work: call again while it
+        returns `limit`). Returns how many went."""
 
     # ------------------------------------------------------------------ lifecycle
     @abc.abstractmethod

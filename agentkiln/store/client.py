@@ -41,6 +41,7 @@ from agentkiln.models import (
 from agentkiln.protocol import API_PREFIX, Headers, auth_headers
 from agentkiln.store.base import InvalidTransitionError, NotFoundError, Store, StoreError, ValidationError
 from agentkiln.store.client_production import HttpProduction
+from agentkiln.store.client_responses import HttpResponses
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _error_from(response: httpx.Response) -> StoreError:
     return err
 
 
-class HttpStore(HttpProduction, Store):
+class HttpStore(HttpProduction, HttpResponses, Store):
     def __init__(
         self,
         base_url: str,

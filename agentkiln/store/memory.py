@@ -28,6 +28,7 @@ from agentkiln.models import (
     RolloutStatus,
     Span,
     SpanIn,
+    StoredResponse,
     Worker,
     WorkerStatus,
     new_id,
@@ -38,11 +39,12 @@ from agentkiln.models import (
 from agentkiln.store import lifecycle, production_rules
 from agentkiln.store.base import NotFoundError, Store
 from agentkiln.store.memory_production import MemoryProduction
+from agentkiln.store.memory_responses import MemoryResponses
 
 log = logging.getLogger(__name__)
 
 
-class InMemoryStore(MemoryProduction, Store):
+class InMemoryStore(MemoryProduction, MemoryResponses, Store):
     """Dict-backed Store; FIFO via a heap of (creation order, id) with lazy deletion."""
 
     def __init__(self, *, sweep_interval_s: float | None = 1.0) -> None:
@@ -66,6 +68,7 @@ class InMemoryStore(MemoryProduction, Store):
         self._feedback: dict[str, Feedback] = {}  # feedback id -> record, in arrival order
         self._feedback_by_client: dict[str, Feedback] = {}
         self._canaries: dict[str, Canary] = {}  # canary id -> record, in creation order
+        self._responses: dict[str, StoredResponse] = {}  # Responses API state (memory_responses)
         self._sweep_interval_s = sweep_interval_s
         self._last_sweep = time.monotonic()
 

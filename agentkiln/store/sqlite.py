@@ -42,6 +42,7 @@ from agentkiln.store import sqlite_queries as q
 from agentkiln.store.base import NotFoundError, Store
 from agentkiln.store.sqlite_connections import SqliteConnections
 from agentkiln.store.sqlite_production import SqliteProduction
+from agentkiln.store.sqlite_responses import SqliteResponses
 from agentkiln.store.sqlite_rows import (
     A_COLS,
     R_COLS,
@@ -68,7 +69,7 @@ POLL_S = 0.25  # wait_for_rollouts re-reads the file this often (other processes
 DIRECT_WRITE_MAX_SPANS = 16  # larger span batches always join the group commit
 
 
-class SqliteStore(SqliteProduction, SqliteConnections, Store):
+class SqliteStore(SqliteProduction, SqliteResponses, SqliteConnections, Store):
     """Store in one SQLite file; several SqliteStores (processes) may share the file."""
 
     def __init__(self, path: str | Path, *, sweep_interval_s: float | None = 1.0) -> None:

@@ -11,6 +11,7 @@ import logging
 import sqlite3
 
 from agentkiln.store.base import StoreError
+from agentkiln.store.sqlite_responses import RESPONSES_AGE_INDEX, RESPONSES_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ SCHEMA = [
     )""",
     # One active canary at a time, whichever process starts it.
     "CREATE UNIQUE INDEX IF NOT EXISTS canaries_one_active ON canaries(status) WHERE status = 'active'",
+    # Responses API state (sqlite_responses): a new table, so no version bump (older code ignores it).
+    RESPONSES_TABLE,
+    RESPONSES_AGE_INDEX,
 ]
 
 _A_COPY = "attempt_id, rollout_id, sequence_id, worker_id, status, start_time, end_time, last_heartbeat, error"

@@ -152,6 +152,16 @@ MIGRATIONS: dict[int, list[str]] = {
         )""",
         "CREATE INDEX idempotency_answers_expiry ON idempotency_answers (expires_at)",
     ],
+    # Responses API state (store/postgres/responses.py): a `previous_response_id` reaches any replica.
+    4: [
+        """CREATE TABLE responses (
+            response_id TEXT PRIMARY KEY,
+            created_at DOUBLE PRECISION NOT NULL,
+            size BIGINT NOT NULL,  -- what the byte bound counts
+            data JSON NOT NULL  -- the StoredResponse record
+        )""",
+        "CREATE INDEX responses_by_age ON responses (created_at, response_id)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -1,8 +1,7 @@
 """PostgreSQL store: the SQLite store's semantics on a database that several `kiln serve` replicas share.
 
-Lifecycle rules come from `lifecycle` (shared with every backend); this module holds the Store
-methods, `queries` the statements they share, `connections` the pool and NOTIFY listener,
-`schema` the versioned migrations.
+Lifecycle rules come from `lifecycle` (shared with every backend); this module holds the Store methods,
+`queries` the statements they share, `connections` the pool and NOTIFY listener, `schema` the migrations.
 
 Several replicas on one database: writers of one rollout take turns on its row lock, dequeues
 skip each other's locked rows, finishes are announced with NOTIFY so every replica's waiters
@@ -42,6 +41,7 @@ from agentkiln.store.postgres import queries as q
 from agentkiln.store.postgres.connections import Conn, PostgresConnections
 from agentkiln.store.postgres.idempotency import PostgresIdempotency
 from agentkiln.store.postgres.production import PostgresProduction
+from agentkiln.store.postgres.responses import PostgresResponses
 from agentkiln.store.postgres.rows import (
     A_SELECT,
     R_SELECT,
@@ -66,7 +66,7 @@ UNHEARD_POLL_S = 0.25  # ... and this often while the listener is not connected
 LISTEN_START_S = 2.0  # a first wait gives the listener this long to connect
 
 
-class PostgresStore(PostgresProduction, PostgresConnections, Store):
+class PostgresStore(PostgresProduction, PostgresResponses, PostgresConnections, Store):
     """Store in a PostgreSQL database (URL `postgresql://user@host:port/db`, optional `?schema=name`)."""
 
     def __init__(
