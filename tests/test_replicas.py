@@ -185,3 +185,42 @@ async def test_the_sweep_ends_an_abandoned_attempt_once_across_replicas(replicas
             attempts = await admin_a.query_attempts(rollout.rollout_id)
             assert [(x.sequence_id, x.status) for x in attempts] == [(1, AttemptStatus.unresponsive)]
             assert (await admin_a.get_rollout(rollout.rollout_id)).status == RolloutStatus.requeuing
+
+
+async def test_a_stored_response_is_continued_read_and_deleted_across_replicas(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    """Responses API state lives in the shared store: created on A, continued and deleted on B (issue 19)."""
+    import openai
+
+    a, b = replicas
+    async with a.store() as admin_a, b.store() as admin_b, b.store(RUNNER) as runner_b:
+        mine = await admin_a.enqueue_rollout({"q": "chat"})
+        await admin_a.enqueue_rollout({"q": "other"})
+        got = await runner_b.dequeue_rollout(worker_id="w-1")
+        other = await runner_b.dequeue_rollout(worker_id="w-2")
+        assert got is not None and other is not None and got.rollout.rollout_id == mine.rollout_id
+        rid = mine.rollout_id
+
+        def agent(replica: Replica, held=got) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+            url = attempt_base_url(replica.url, held.rollout.rollout_id, held.attempt.attempt_id)
+            return openai.OpenAI(base_url=url, api_key=held.token, max_retries=0)
+
+        on_a, on_b = agent(a), agent(b)
+        r1 = on_a.responses.create(model="tiny", input="Asked on A", max_output_tokens=4)
+        r2 = on_b.responses.create(model="tiny", input="Asked on B", previous_response_id=r1.id, max_output_tokens=4)
+        spans = await admin_b.query_spans(rid, name=SpanNames.llm_call)
+        [second] = [s for s in spans if s.attributes[SpanAttrs.call_id] == r2.id]
+        prompt = [m["content"] for m in second.attributes[SpanAttrs.request]["messages"]]
+        assert prompt == ["Asked on A", r1.output_text, "Asked on B"]
+        assert on_b.responses.retrieve(r1.id).output_text == r1.output_text
+        assert on_a.responses.retrieve(r2.id).previous_response_id == r1.id
+        with pytest.raises(openai.NotFoundError):  # another attempt's token: as if it did not exist
+            agent(b, other).responses.retrieve(r1.id)
+
+        on_b.responses.delete(r1.id)
+        with pytest.raises(openai.NotFoundError):
+            on_a.responses.retrieve(r1.id)
+        with pytest.raises(openai.NotFoundError):
+            on_a.responses.create(model="tiny", input="again", previous_response_id=r1.id, max_output_tokens=4)
+        assert on_a.responses.retrieve(r2.id).id == r2.id  # its continuation is a record of its own

@@ -1,12 +1,18 @@
-"""Responses API conversation state through the real openai SDK: store, previous_response_id, retrieve/delete/input items."""
+"""Responses API conversation state through the real openai SDK: store, previous_response_id, retrieve/delete/input items.
+
+The records live in the store (restart and replicas: tests/test_responses_durable.py).
+"""
 
 from __future__ import annotations
+
+import time
 
 import openai
 import pytest
 
 from agentkiln.gateway.errors import GatewayError
 from agentkiln.gateway.responses.state import ResponseStates
+from agentkiln.store.base import NotFoundError
 from agentkiln.store.memory import InMemoryStore
 from tests.gateway_fakes import ScriptedEngine, ServedApp, gateway_app, tool_call_text
 
@@ -104,21 +110,49 @@ def test_streamed_response_is_stored_and_continued(env):
     assert [m["content"] for m in env.engine.requests[-1].messages] == ["one", "first answer", "two"]
 
 
-def test_states_are_bounded_by_bytes_and_age():
-    states = ResponseStates(max_bytes=2_000, max_age_s=60.0)
-    for i in range(50):
-        states.put({"id": f"r{i}", "output": ["x" * 50]}, [], [])
-    assert states.bytes <= 2_000 and len(states) < 50
-    states.get("r49")
-    with pytest.raises(GatewayError):
-        states.get("r0")
-    aged = ResponseStates(max_age_s=0.0)
-    aged.put({"id": "old"}, [], [])
-    with pytest.raises(GatewayError):
-        aged.get("old")
+def test_stored_responses_expire_after_max_age():
+    """Past its age a response answers 404 at once, and the purge deletes it from the store."""
+    store = InMemoryStore(sweep_interval_s=None)
+    states = ResponseStates(max_age_s=0.5, purge_interval_s=3600)
+    with ServedApp(gateway_app(store, ScriptedEngine(["a", "b"]), response_states=states)) as served:
+        c = client(f"{served.url}/v1")
+        r = c.responses.create(model="m", input="hi")
+        assert c.responses.retrieve(r.id).id == r.id
+        assert served.call(store.get_response(r.id)).size > 0  # it lives in the store
+        time.sleep(0.7)
+        with pytest.raises(openai.NotFoundError):
+            c.responses.retrieve(r.id)
+        with pytest.raises(openai.NotFoundError):
+            c.responses.create(model="m", input="more", previous_response_id=r.id)
+        assert served.call(states.purge(store)) == 1
+        with pytest.raises(NotFoundError):
+            served.call(store.get_response(r.id))
 
 
-def test_attempt_tokens_reach_only_their_own_stored_responses():
+def test_stored_responses_are_bounded_by_bytes_oldest_first():
+    """Stored calls purge in the background: past `max_bytes` the oldest records leave the store."""
+    store = InMemoryStore(sweep_interval_s=None)
+    states = ResponseStates(max_bytes=6_000, purge_interval_s=0.0)
+    with ServedApp(gateway_app(store, ScriptedEngine(["x" * 400]), response_states=states)) as served:
+        c = client(f"{served.url}/v1")
+        ids = [c.responses.create(model="m", input=f"question {i}").id for i in range(12)]
+        sizes = [served.call(store.get_response(rid)).size for rid in ids[-2:]]
+        assert 1_000 < sizes[0] < 3_000  # so 12 of them are well over the bound
+
+        def kept() -> list[str]:
+            return [rid for rid in ids if rid in store._responses]
+
+        give_up = time.monotonic() + 10
+        while sum(store._responses[rid].size for rid in kept()) > 6_000 and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert kept() == ids[len(ids) - len(kept()) :] and 0 < len(kept()) < 12  # the newest stayed
+        assert sum(store._responses[rid].size for rid in kept()) <= 6_000
+        with pytest.raises(openai.NotFoundError):
+            c.responses.retrieve(ids[0])
+        assert c.responses.retrieve(ids[-1]).id == ids[-1]
+
+
+async def test_attempt_tokens_reach_only_their_own_stored_responses():
     from agentkiln.protocol import Principal, Role
     from agentkiln.server.auth import allowed
 
@@ -127,13 +161,21 @@ def test_attempt_tokens_reach_only_their_own_stored_responses():
         assert allowed(me, "GET", path) and allowed(me, "DELETE", path)
     assert allowed(me, "GET", "/rollout/r1/attempt/a1/v1/responses/resp_1/input_items")
     assert not allowed(me, "GET", "/rollout/r2/attempt/a2/v1/responses/resp_1")
-    states = ResponseStates()
-    states.put({"id": "resp_1"}, [], [], owner=("r1", "a1"))
-    assert states.get("resp_1", ("r1", "a1")).response["id"] == "resp_1"
+    for method, path in (("GET", "/api/v1/stored-responses/resp_1"), ("POST", "/api/v1/purge-stored-responses")):
+        assert not allowed(me, method, path)  # the store's own routes: admin only
+        assert not allowed(Principal(Role.runner), method, path)
+    store, states = InMemoryStore(sweep_interval_s=None), ResponseStates()
+    await states.put(store, {"id": "resp_1"}, [], [], owner=("r1", "a1"))
+    assert (await states.get(store, "resp_1", ("r1", "a1"))).response["id"] == "resp_1"
     with pytest.raises(GatewayError) as exc:
-        states.get("resp_1", ("r2", "a2"))  # another attempt's token: as if it did not exist
+        await states.get(store, "resp_1", ("r2", "a2"))  # another attempt's token: as if it did not exist
     assert exc.value.status_code == 404
-    assert states.get("resp_1").response["id"] == "resp_1"  # admin / runner / keyless server
+    with pytest.raises(GatewayError):
+        await states.delete(store, "resp_1", ("r2", "a2"))
+    assert (await states.get(store, "resp_1")).response["id"] == "resp_1"  # admin / runner / keyless server
+    with pytest.raises(GatewayError) as exc:
+        await states.get(None, "resp_1")  # a gateway without a store keeps nothing
+    assert exc.value.status_code == 503
 
 
 async def test_agents_sdk_conversation_continued_by_previous_response_id():

@@ -61,7 +61,8 @@ def build_gateway_routes(
     The getters are called per request (defaults: `request.app.state.store` / `.engine`), so the
     server can swap or attach the engine at runtime. `default_max_tokens` applies when a client
     sends no limit (None: `app.state.max_tokens_default` if set, else until a stop or the context limit).
-    `response_states` keeps stored Responses API responses (default: a new bounded in-process LRU).
+    `response_states` holds the bounds of stored Responses API responses, which live in the store
+    (default: 64 MB and 24 h; without a store nothing is stored and lookups answer 503).
     """
     deps = GatewayDeps(get_store or _default_store, get_engine or _default_engine, default_max_tokens)
     chat = _answering_errors(ChatCompletionsServing(deps))

@@ -34,7 +34,8 @@ class ResponsesServing(Serving):
         body = await validated_body(request, ResponsesRequest)
         prior: list[dict[str, Any]] = []
         if body.previous_response_id:  # 404 unless stored (and, for an attempt token, its own)
-            rec = self.states.get(body.previous_response_id, caller_owner(request), "previous_response_id")
+            store = self.deps.get_store(request)
+            rec = await self.states.get(store, body.previous_response_id, caller_owner(request), "previous_response_id")
             prior = rec.conversation
         engine_req = responses_request_to_engine(body, self.default_max_tokens(request), prior)
         response_id, created = new_response_id(), now_s()
@@ -49,7 +50,8 @@ class ResponsesServing(Serving):
             if body.store is not False:
                 own = with_ids(request_items(body.input))
                 owner = (call.target.rollout_id, call.target.attempt_id)
-                self.states.put(final, own, [*prior, *own, *final["output"]], owner)
+                store = self.deps.get_store(request)
+                await self.states.put(store, final, own, [*prior, *own, *final["output"]], owner)
             return final
 
         if not body.stream:

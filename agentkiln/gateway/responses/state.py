@@ -1,28 +1,32 @@
 """Responses API conversation state: stored responses, `previous_response_id`, retrieve/delete/input items.
 
-Where they live: in this process, in a byte- and age-bounded LRU (`ResponseStates`), not in the
-rollout store. A stored response serves the conversation it belongs to: agents chain turns
-seconds apart, inside one attempt, so a server restart (which also ends its attempts) loses
-nothing a live conversation needs, and rollout data stays the spans alone. Bounds: at most
-`max_bytes` of JSON (least recently used first out) and `max_age_s` since creation (OpenAI keeps
-30 days; an agent's conversation needs minutes). An evicted, deleted, `store: false` or unknown
-id answers 404 in OpenAI's error shape.
+Where they live: in the store (`Store.put_response` / `get_response`, a `StoredResponse` record each),
+so a stored conversation survives a server restart and any replica on one database continues it.
+No copy is kept in this process: a record deleted on one replica is gone on all at once. A stored
+call pays one insert before it answers; a `store: false` call writes nothing.
+
+Bounds: `max_age_s` since creation (OpenAI keeps 30 days; an agent's conversation needs minutes),
+enforced on every read, and `max_bytes` of JSON over all records (the oldest go first). A purge
+deletes what is past either bound: started by a stored call at most every `purge_interval_s`, in
+the background, in batches of `purge_batch` records (bounded work per store call). An expired,
+evicted, deleted, `store: false` or unknown id answers 404 in OpenAI's error shape, as does one
+another attempt stored (for an attempt token).
 
 Each record keeps its own input items (what `GET .../input_items` lists, as OpenAI does) and the
 whole conversation up to and including its output (input items of every earlier turn, their
 output items, function calls and their outputs), which a `previous_response_id` request continues.
-Instructions are not carried over (as in OpenAI: each request sends its own).
+Instructions are not carried over (as in OpenAI: each request sends its own). Stored conversations
+are kept as sent (a production session's spans are redacted; continuing a conversation needs its text).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
+import logging
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,21 +34,19 @@ from starlette.responses import JSONResponse, Response
 from agentkiln.gateway.call import Serving
 from agentkiln.gateway.errors import GatewayError, invalid
 from agentkiln.gateway.incoming import path_agent
+from agentkiln.models import StoredResponse
 from agentkiln.protocol import Role, principal_of
+from agentkiln.store.base import NotFoundError, Store
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64_000_000
 DEFAULT_MAX_AGE_S = 24 * 3600.0
+PURGE_INTERVAL_S = 10.0
+PURGE_BATCH = 1_000
 MAX_LIST_LIMIT = 100
 
-
-@dataclass
-class StoredResponse:
-    response: dict[str, Any]
-    input_items: list[dict[str, Any]]  # this request's own input, each with an id
-    conversation: list[dict[str, Any]]  # every item up to and including this response's output
-    owner: tuple[str | None, str | None]  # (rollout_id, attempt_id) it was recorded on, if any
-    created: float
-    size: int
+Owner = tuple[Optional[str], Optional[str]]  # (rollout_id, attempt_id) a response was recorded on
 
 
 def not_found(response_id: str, param: str = "response_id") -> GatewayError:
@@ -57,63 +59,112 @@ def not_found(response_id: str, param: str = "response_id") -> GatewayError:
     )
 
 
-class ResponseStates:
-    """Thread-safe LRU of stored responses, bounded by total JSON bytes and by age."""
+def store_missing() -> GatewayError:
+    return GatewayError(503, "No store is attached to this server", type="server_error", code="store_missing")
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_age_s: float = DEFAULT_MAX_AGE_S) -> None:
+
+def record_size(response: dict[str, Any], input_items: list[Any], conversation: list[Any]) -> int:
+    return sum(len(json.dumps(x, separators=(",", ":"))) for x in (response, input_items, conversation))
+
+
+class ResponseStates:
+    """Stored responses in the store, under an age and a byte bound (see the module docstring)."""
+
+    def __init__(
+        self,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        *,
+        purge_interval_s: float = PURGE_INTERVAL_S,
+        purge_batch: int = PURGE_BATCH,
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
-        self.bytes = 0
-        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
-        self._lock = threading.Lock()
+        self.purge_interval_s = purge_interval_s
+        self.purge_batch = purge_batch
+        self._last_purge = float("-inf")  # the first stored call of a (restarted) server purges
+        self._purging: Optional[asyncio.Task[int]] = None
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(
+    async def put(
         self,
+        store: Optional[Store],
         response: dict[str, Any],
         input_items: list[dict[str, Any]],
         conversation: list[dict[str, Any]],
-        owner: tuple[str | None, str | None] = (None, None),
+        owner: Owner = (None, None),
     ) -> None:
-        size = sum(len(json.dumps(x, separators=(",", ":"))) for x in (response, input_items, conversation))
-        rec = StoredResponse(response, input_items, conversation, owner, time.monotonic(), size)
-        with self._lock:
-            self._drop(response["id"])
-            if size > self.max_bytes:
-                return  # larger than the whole store: kept nowhere (a later lookup answers 404)
-            self._items[response["id"]] = rec
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                self._drop(next(iter(self._items)))
+        """Store one response (the caller's answer goes out either way: a failed write is logged)."""
+        size = record_size(response, input_items, conversation)
+        if store is None or size > self.max_bytes:  # no store, or larger than the whole bound: kept nowhere
+            return
+        record = StoredResponse(
+            response_id=response["id"],
+            response=response,
+            input_items=input_items,
+            conversation=conversation,
+            rollout_id=owner[0],
+            attempt_id=owner[1],
+            created_at=time.time(),
+            size=size,
+        )
+        try:
+            await store.put_response(record)
+        except Exception:
+            log.exception("gateway: storing response %s failed (a later lookup answers 404)", record.response_id)
+        self._maybe_purge(store)
 
-    def get(
-        self, response_id: str, owner: tuple[str | None, str | None] | None = None, param: str = "response_id"
+    async def get(
+        self, store: Optional[Store], response_id: str, owner: Optional[Owner] = None, param: str = "response_id"
     ) -> StoredResponse:
         """The record (404 naming `param` if absent, expired, or `owner` is given and differs)."""
-        with self._lock:
-            rec = self._items.get(response_id)
-            if rec is not None and time.monotonic() - rec.created > self.max_age_s:
-                self._drop(response_id)
-                rec = None
-            if rec is None or (owner is not None and rec.owner != owner):
-                raise not_found(response_id, param)
-            self._items.move_to_end(response_id)
-            return rec
+        if store is None:
+            raise store_missing()
+        try:
+            rec = await store.get_response(response_id)
+        except NotFoundError:
+            raise not_found(response_id, param) from None
+        if time.time() - rec.created_at > self.max_age_s:  # the next purge deletes it
+            raise not_found(response_id, param)
+        if owner is not None and (rec.rollout_id, rec.attempt_id) != owner:
+            raise not_found(response_id, param)
+        return rec
 
-    def delete(self, response_id: str, owner: tuple[str | None, str | None] | None = None) -> None:
-        self.get(response_id, owner)
-        with self._lock:
-            self._drop(response_id)
+    async def delete(self, store: Optional[Store], response_id: str, owner: Optional[Owner] = None) -> None:
+        await self.get(store, response_id, owner)
+        try:
+            await store.delete_response(response_id)  # type: ignore[union-attr]
+        except NotFoundError:  # deleted meanwhile (another replica, a purge)
+            raise not_found(response_id) from None
 
-    def _drop(self, response_id: str) -> None:
-        rec = self._items.pop(response_id, None)
-        if rec is not None:
-            self.bytes -= rec.size
+    async def purge(self, store: Store) -> int:
+        """Apply both bounds now, batch after batch; returns how many records went."""
+        total = 0
+        while True:
+            before = time.time() - self.max_age_s
+            n = await store.purge_responses(before=before, max_bytes=self.max_bytes, limit=self.purge_batch)
+            total += n
+            if n < self.purge_batch:
+                return total
+
+    def _maybe_purge(self, store: Store) -> None:
+        now = time.monotonic()
+        if now - self._last_purge < self.purge_interval_s or (self._purging is not None and not self._purging.done()):
+            return
+        self._last_purge = now
+        self._purging = asyncio.create_task(self._purge_logged(store), name="kiln-responses-purge")
+
+    async def _purge_logged(self, store: Store) -> int:
+        try:
+            purged = await self.purge(store)
+        except Exception:
+            log.exception("gateway: purging stored responses failed")
+            return 0
+        if purged:
+            log.info("gateway: purged %d stored response(s) past their age or byte bound", purged)
+        return purged
 
 
-def caller_owner(request: Request) -> tuple[str | None, str | None] | None:
+def caller_owner(request: Request) -> Optional[Owner]:
     """An attempt token sees only its own attempt's responses; other callers see any (ids are unguessable)."""
     caller = principal_of(request)
     if caller.role == Role.attempt:
@@ -158,10 +209,11 @@ class ResponseLookup(Serving):
         path_agent(request)
         rid = request.path_params["response_id"]
         owner = caller_owner(request)
+        store = self.deps.get_store(request)
         if request.method == "DELETE":
-            self.states.delete(rid, owner)
+            await self.states.delete(store, rid, owner)
             return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True})
-        rec = self.states.get(rid, owner)
+        rec = await self.states.get(store, rid, owner)
         if not self.items:
             return JSONResponse(rec.response)
         return JSONResponse(_page(rec.input_items, request.query_params))
