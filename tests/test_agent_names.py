@@ -60,6 +60,14 @@ def test_search_is_bounded_to_the_start_of_each_message():
     assert names.name_for([sys("x" * names_mod.MAX_SEARCH_CHARS + "APPROVE")]) is None
 
 
+def test_search_is_bounded_to_the_first_prompt_messages():
+    """Only the first MAX_SEARCH_MESSAGES system/developer messages count: a body of many costs no more."""
+    names = AgentNames({"APPROVE": "critic"})
+    padding = [sys(WRITER), user(CRITIC)] * (names_mod.MAX_SEARCH_MESSAGES - 1)
+    assert names.name_for([*padding, sys(CRITIC)]) == "critic"  # the 16th system message
+    assert names.name_for([*padding, sys(WRITER), sys(CRITIC)]) is None  # the 17th
+
+
 @pytest.mark.parametrize(
     ("rules", "message"),
     [

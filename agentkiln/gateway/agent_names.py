@@ -12,13 +12,15 @@ Given as `Trainer(agent_names={"^You review": "reviewer"})`, `kiln serve --agent
 '^You review=reviewer'` (repeatable) or `create_app(agent_names=...)`; where it sits among the
 other ways of naming an agent is `recording.resolve_agent_name`'s docstring.
 
-Limits: at most `MAX_RULES` rules of at most `MAX_PATTERN_CHARS` characters each, and each message
-is searched in its first `MAX_SEARCH_CHARS` characters only, so a rule costs a bounded time per
-call whatever the client sends (an agent's prompt says who it is near its start).
+Limits: at most `MAX_RULES` rules of at most `MAX_PATTERN_CHARS` characters each; only the first
+`MAX_SEARCH_MESSAGES` system/developer messages are searched, each in its first `MAX_SEARCH_CHARS`
+characters, so a rule costs a bounded time per call whatever the client sends (an agent's prompt
+comes first and says who it is near its start).
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from agentkiln.protocol import validate_agent_name
 MAX_RULES = 256
 MAX_PATTERN_CHARS = 1_000
 MAX_SEARCH_CHARS = 20_000
+MAX_SEARCH_MESSAGES = 16  # a body of thousands of system messages must not multiply the search
 PROMPT_ROLES = ("system", "developer")
 
 AgentNamesSpec = Union["AgentNames", Mapping[str, str], Iterable[tuple[str, str]], None]
@@ -97,11 +100,12 @@ class AgentNames:
         """The name of the first rule found in a system/developer message's text; None if none is."""
         if not self.rules:
             return None
-        texts = [
+        prompts = (
             msg["content"][:MAX_SEARCH_CHARS]
             for msg in messages
             if msg.get("role") in PROMPT_ROLES and isinstance(msg.get("content"), str) and msg["content"]
-        ]
+        )
+        texts = list(itertools.islice(prompts, MAX_SEARCH_MESSAGES))
         for rule in self.rules:
             if any(rule.pattern.search(text) for text in texts):
                 return rule.name
