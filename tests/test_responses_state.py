@@ -1,4 +1,4 @@
-"""Responses API conversation state through the real openai SDK: store, previous_response_id, retrieve/delete/input items.
+"""Responses API state through the real openai SDK: store, previous_response_id, retrieve, delete, input items.
 
 The records live in the store (restart and replicas: tests/test_responses_durable.py).
 """
@@ -176,6 +176,18 @@ async def test_attempt_tokens_reach_only_their_own_stored_responses():
     with pytest.raises(GatewayError) as exc:
         await states.get(None, "resp_1")  # a gateway without a store keeps nothing
     assert exc.value.status_code == 503
+
+
+async def test_an_id_no_store_can_hold_answers_404(store):
+    """A NUL (PostgreSQL refuses it) or an id over 512 characters (HttpStore's route refuses it) is unknown: 404."""
+    states = ResponseStates()
+    for rid in ("resp_\x00", "r" * 600):
+        with pytest.raises(GatewayError) as exc:
+            await states.get(store, rid, param="previous_response_id")
+        assert exc.value.status_code == 404 and exc.value.param == "previous_response_id"
+        with pytest.raises(GatewayError) as exc:
+            await states.delete(store, rid)
+        assert exc.value.status_code == 404
 
 
 async def test_agents_sdk_conversation_continued_by_previous_response_id():

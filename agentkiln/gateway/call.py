@@ -24,7 +24,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, NoRe
 from starlette.requests import Request
 
 from agentkiln.engine.base import ChatRequest, ChatResult, Engine, StreamDelta
-from agentkiln.gateway.errors import GatewayError, engine_error, invalid
+from agentkiln.gateway.errors import GatewayError, engine_error, invalid, store_missing
 from agentkiln.gateway.incoming import path_agent
 from agentkiln.gateway.production import production_session, redact_spans, remember_answer
 from agentkiln.gateway.recording import CallContext, resolve_agent_name, span_for_error, spans_for_result
@@ -116,7 +116,7 @@ async def resolve_target(request: Request, get_store: StoreGetter) -> Target:
         raise invalid(f"Both {Headers.rollout_id} and {Headers.attempt_id} are needed to record a call")
     store = get_store(request)
     if store is None:
-        raise GatewayError(503, "No store is attached to this server", type="server_error", code="store_missing")
+        raise store_missing()
     if caller.role == Role.attempt:  # the auth middleware has just read this attempt's status: running
         return Target(store, rid, aid)
     try:  # one cheap store read on this hot path: it also tells an unknown rollout

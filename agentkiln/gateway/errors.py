@@ -56,6 +56,11 @@ def invalid(message: str, param: Optional[str] = None, code: Optional[str] = Non
     return GatewayError(400, message, param=param, code=code)
 
 
+def store_missing() -> GatewayError:
+    """A call that needs the store (recording, stored responses) on a gateway that has none."""
+    return GatewayError(503, "No store is attached to this server", type="server_error", code="store_missing")
+
+
 def engine_error(exc: BaseException) -> GatewayError:
     """What the client is told when the engine failed.
 

@@ -32,11 +32,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from agentkiln.gateway.call import Serving
-from agentkiln.gateway.errors import GatewayError, invalid
+from agentkiln.gateway.errors import GatewayError, invalid, store_missing
 from agentkiln.gateway.incoming import path_agent
 from agentkiln.models import StoredResponse
 from agentkiln.protocol import Role, principal_of
-from agentkiln.store.base import NotFoundError, Store
+from agentkiln.store.base import NotFoundError, Store, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ def not_found(response_id: str, param: str = "response_id") -> GatewayError:
         param=param,
         code="response_not_found",
     )
-
-
-def store_missing() -> GatewayError:
-    return GatewayError(503, "No store is attached to this server", type="server_error", code="store_missing")
 
 
 def record_size(response: dict[str, Any], input_items: list[Any], conversation: list[Any]) -> int:
@@ -121,7 +117,8 @@ class ResponseStates:
             raise store_missing()
         try:
             rec = await store.get_response(response_id)
-        except NotFoundError:
+        # ValidationError: an id no record can have (a NUL on PostgreSQL, over 512 characters through HttpStore).
+        except (NotFoundError, ValidationError):
             raise not_found(response_id, param) from None
         if time.time() - rec.created_at > self.max_age_s:  # the next purge deletes it
             raise not_found(response_id, param)
