@@ -37,8 +37,9 @@ def calculate(expression: str) -> str:
     return common.calculate(expression)
 
 
-def model_client(llm: kiln.LLMHandle, agent_name: str) -> OpenAIChatCompletionClient:
-    me = llm.for_agent(agent_name)
+def model_client(llm: kiln.LLMHandle, agent_name: str | None = None) -> OpenAIChatCompletionClient:
+    """A client whose URL names `agent_name`; without one, the attempt's URL (the server's map names the calls)."""
+    me = llm.for_agent(agent_name) if agent_name else llm
     return OpenAIChatCompletionClient(
         model=llm.model, base_url=me.base_url, api_key=me.api_key, model_info=MODEL_INFO, max_retries=1, **llm.sampling
     )
@@ -94,14 +95,7 @@ async def team(task: Any, llm: kiln.LLMHandle) -> float:
 @kiln.rollout
 async def shared_team(task: Any, llm: kiln.LLMHandle) -> float:
     """One client for both agents: their calls are named by the server's `AGENT_NAMES` rules."""
-    client = OpenAIChatCompletionClient(
-        model=llm.model,
-        base_url=llm.base_url,
-        api_key=llm.api_key,
-        model_info=MODEL_INFO,
-        max_retries=1,
-        **llm.sampling,
-    )
+    client = model_client(llm)
     try:
         return await run_team(task, client, client)
     finally:
