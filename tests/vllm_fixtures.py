@@ -1,8 +1,11 @@
 """A vLLM server from .venv-vllm (scripts/setup_vllm.sh) for the slow vLLM tests, started once per module.
 
-Started with the exact command kiln's supervisor uses (engine/vllm/process.command), in fp32 on
-CPUs without bf16 units (as the learner computes there), so recorded logprobs can be compared
-with the learner's tightly. Without the venv the tests are skipped locally and fail in CI.
+Started with the exact command kiln's supervisor uses (engine/vllm/process.command), always in
+fp32, as the tests' learners and embedded engines compute, so recorded logprobs can be compared
+with theirs tightly. ("auto" would pick bf16 on CPUs with AVX512-BF16/AMX: there vLLM's
+per-token logprobs differ from an fp32 learner's by up to ~0.2 nats on sampled responses,
+too loose to tell a stale adapter from the right one; bf16 agreement is measured in
+bench/RESULTS.md instead.) Without the venv the tests are skipped locally and fail in CI.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ def vllm_python() -> Path:
 
 def vllm_options(**overrides: object) -> VLLMOptions:
     return VLLMOptions(
-        model_dir=model_files.smollm2_dir(), model_name=SERVED, python=str(vllm_python()), max_lora_rank=16, **overrides
+        **{
+            "model_dir": model_files.smollm2_dir(), "model_name": SERVED, "python": str(vllm_python()),
+            "max_lora_rank": 16, "dtype": "float32", **overrides,
+        }
     )
 
 
