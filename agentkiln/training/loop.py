@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from agentkiln.models import LLMEndpoint, PromptTemplate, Resources, ResourcesIn, RolloutConfig, RolloutMode
 from agentkiln.training.context import TrainingContext, TrainingResult
 from agentkiln.training.policies import BEST_DIR, Policy, plan_policies, published_llms
-from agentkiln.training.trace import Trace, mean_reward, run_rollouts, sampled_tokens
+from agentkiln.training.trace import Trace, mean_reward, named_rewards, run_rollouts, sampled_tokens
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,12 @@ class Run:
         """Mean reward of one rollout per validation task under `resources_id`, reported as an event."""
         traces = await self.rollouts(tasks, resources_id, RolloutMode.val, group_prefix or f"val-{tag}")
         score = mean_reward(traces)
-        self.ctx.on_event("validation", {"tag": tag, "reward": score, "n": len(traces)})
+        event: dict[str, Any] = {"tag": tag, "reward": score, "n": len(traces)}
+        named = named_rewards(traces)
+        if named:  # e.g. each agent's share of a multi-agent score; kept per validation in result.extra
+            event["rewards"] = named
+            self.result.extra.setdefault("val_rewards", {})[tag] = named
+        self.ctx.on_event("validation", event)
         return score
 
     # ------------------------------------------------------------------ history
@@ -283,6 +288,8 @@ async def train_weights(
         pending = sample(step + 1) if more and plan.overlap and not due else None
         traces = sampled.traces
         record: dict[str, Any] = {unit: step, "train_reward": mean_reward(traces), "sample_s": sampled.seconds}
+        if named := named_rewards(traces):
+            record["train_rewards"] = named
         tokens = sampled_tokens(traces)
         record.update(sample_tokens=tokens, sample_tokens_per_s=round(tokens / sampled.seconds, 1) if sampled.seconds > 0 else 0.0)
         if plan.overlap:
@@ -304,6 +311,8 @@ async def train_weights(
             last = not more if plan.overlap else step == plan.steps or run.out_of_time(plan.time_budget_s)
             if val_data and (step % plan.eval_every == 0 or last):
                 val = record["val_reward"] = await run.validate(val_data, resources.resources_id, f"{unit}-{step}")
+                if f"{unit}-{step}" in result.extra.get("val_rewards", {}):
+                    record["val_rewards"] = result.extra["val_rewards"][f"{unit}-{step}"]
                 if result.best_val is None or val > result.best_val:
                     for policy, adapter in zip(policies, adapters):
                         await asyncio.to_thread(_replace_dir, Path(adapter), policy.best)

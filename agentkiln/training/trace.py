@@ -47,11 +47,23 @@ class Trace(NamedTuple):
     @property
     def reward(self) -> float:
         """Final reward of the succeeded attempt; failed or reward-less rollouts score 0."""
+        return self.reward_named(None)
+
+    def reward_named(self, name: str | None) -> float:
+        """Final reward of the succeeded attempt among the reward spans called `name` (None: all of
+        them, as credit assignment reads them); failed rollouts and rollouts without one score 0."""
         attempt = self.succeeded_attempt
         if attempt is None:
             return 0.0
-        value = final_reward(reward_events(s for s in self.spans if s.attempt_id == attempt.attempt_id))
+        value = final_reward(reward_events((s for s in self.spans if s.attempt_id == attempt.attempt_id), name))
         return float(value) if value is not None else 0.0
+
+    def reward_names(self) -> set[str]:
+        """Names of the rewards the succeeded attempt emitted ("primary" for unnamed ones)."""
+        attempt = self.succeeded_attempt
+        if attempt is None:
+            return set()
+        return {e.name for e in reward_events(s for s in self.spans if s.attempt_id == attempt.attempt_id)}
 
 
 def skip_counts(skipped: Sequence[Any]) -> dict[str, int]:
@@ -69,8 +81,18 @@ def sampled_tokens(traces: Sequence[Trace]) -> int:
     )
 
 
-def mean_reward(traces: Sequence[Any]) -> float:
-    return sum(t.reward for t in traces) / len(traces) if traces else 0.0
+def mean_reward(traces: Sequence[Any], name: str | None = None) -> float:
+    """Mean final reward (of the rewards called `name`; None: the rollout's reward) over `traces`."""
+    if not traces:
+        return 0.0
+    return sum(t.reward if name is None else t.reward_named(name) for t in traces) / len(traces)
+
+
+def named_rewards(traces: Sequence[Trace]) -> dict[str, float]:
+    """Mean of each named reward besides "primary" (e.g. each agent's share of a multi-agent
+    program's score) over `traces`; a rollout that did not emit one counts 0 for it."""
+    names = sorted(set().union(*(t.reward_names() for t in traces)) - {"primary"}) if traces else []
+    return {name: mean_reward(traces, name) for name in names}
 
 
 async def _trace(store: Store, rollout: Rollout) -> Trace:

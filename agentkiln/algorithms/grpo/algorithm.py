@@ -56,6 +56,11 @@ class GRPO(Algorithm):
         lag; weights change only between sampling phases). False = strictly on-policy.
     reward_signals: built-in signals added to the agent's reward, e.g. {"tool_success": 0.2,
         "latency": 0.1} or a RewardSignals (agentkiln/adapter/signals.py); None: the reward as emitted.
+    agent_rewards: with `agents`, which reward each agent's LoRA learns from, so each agent is
+        credited with its own share of the outcome rather than the whole team's score: agent
+        name -> reward name (the agent code emits it, `kiln.emit_reward(x, name=...)`), or a list
+        of agent names whose rewards are named after them. Agents left out learn from the
+        rollout's reward (`credit.reward_name`). Validation and train reward stay the rollout's.
     """
 
     model_dir: str | None = None
@@ -77,6 +82,7 @@ class GRPO(Algorithm):
     curriculum: Any | None = None
     overlap: bool = False
     reward_signals: RewardSignals | Mapping[str, float] | None = None
+    agent_rewards: Mapping[str, str] | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         self.reward_signals = RewardSignals.of(self.reward_signals)
@@ -84,6 +90,7 @@ class GRPO(Algorithm):
             if self.agent_match is not None:
                 raise ValueError("give either agent_match (one shared model) or agents (one adapter per agent)")
             agent_patterns(self.agents)
+        self.agent_rewards = _agent_rewards(self.agent_rewards, self.agents)
 
     def _learner(self) -> Learner:
         from agentkiln.engine.model_files import smollm2_dir
@@ -106,7 +113,11 @@ class GRPO(Algorithm):
     async def _learn(self, policy: Policy, traces: Sequence[Trace]) -> dict[str, float]:
         """One learner update on the transitions of the calls `policy` trains on."""
         transitions, skipped = build_batch(
-            traces, agent_match=policy.match, credit=self.credit, merge=self.merge_turns, signals=self.reward_signals
+            traces,
+            agent_match=policy.match,
+            credit=self._credit(policy),
+            merge=self.merge_turns,
+            signals=self.reward_signals,
         )
         if skipped:
             log.info("adapter left out %d LLM call(s) for %s: %s", len(skipped), policy.label, skip_counts(skipped))
@@ -116,6 +127,27 @@ class GRPO(Algorithm):
             )
             return {"transitions": 0.0}
         return await asyncio.to_thread(policy.learner.update, transitions)
+
+
+    def _credit(self, policy: Policy) -> CreditConfig:
+        """The credit config of `policy`: its own reward when `agent_rewards` names one."""
+        reward = (self.agent_rewards or {}).get(policy.agent or "")
+        return self.credit if reward is None else replace(self.credit, reward_name=reward)
+
+
+def _agent_rewards(spec: Mapping[str, str] | Sequence[str] | None, agents: AgentSpec | None) -> dict[str, str] | None:
+    """agent -> reward name, checked against `agents` (a list names each agent's reward after it)."""
+    if spec is None:
+        return None
+    if agents is None:
+        raise ValueError("agent_rewards needs agents=[...] (one LoRA per agent)")
+    if isinstance(spec, str):
+        raise TypeError("agent_rewards must be a list of agent names or an agent -> reward name mapping")
+    rewards = {str(k): str(v) for k, v in spec.items()} if isinstance(spec, Mapping) else {str(a): str(a) for a in spec}
+    unknown = sorted(set(rewards) - set(agent_patterns(agents)))
+    if unknown:
+        raise ValueError(f"agent_rewards names agents that are not trained: {unknown}")
+    return rewards
 
 
 def _step_metrics(metrics: dict[str, float]) -> dict[str, float]:
