@@ -29,10 +29,15 @@ def build_demo_algorithm(
     eval_every: int,
     model_dir: Optional[str] = None,
     overlap: bool = True,
+    agents: list[str] | None = None,
+    agent_rewards: list[str] | None = None,
 ) -> Any:
+    """The demo's GRPO; `agents` trains one LoRA per agent, each on its own reward in `agent_rewards`."""
     from agentkiln.algorithms.grpo import GRPO, GRPOConfig, LoraSettings
 
     return GRPO(
+        agents=agents,
+        agent_rewards=agent_rewards,
         model_dir=model_dir,
         temperature=0.7,
         merge_turns=True,  # the answer turn continues the tool-call turn: one transition, shared prompt
@@ -79,6 +84,11 @@ def demo(
     ),
     rounds: int = typer.Option(8, help="--production: rounds of capture -> retrain -> canary"),
     sessions: int = typer.Option(64, help="--production: user sessions per round"),
+    multi_agent: bool = typer.Option(
+        False,
+        "--multi-agent",
+        help="train a planner and an answerer that split the task, one LoRA each, each on its own share of the reward",
+    ),
 ) -> None:
     """Train a calculator-tool agent (plain openai SDK code) with GRPO+LoRA and report accuracy before/after."""
     import shutil
@@ -105,6 +115,16 @@ def demo(
         return
     train = make_tasks(train_size, seed=1, prefix="train")
     val = make_tasks(val_size, seed=2, prefix="val")
+    if multi_agent:
+        from agentkiln.cli.demo_multi_agent import MultiAgentDemo, run_multi_agent_demo
+
+        options = MultiAgentDemo(
+            steps=steps, time_budget_s=time_budget, lr=lr, tasks_per_step=tasks_per_step, samples=samples,
+            eval_every=eval_every, n_runners=n_runners, engine=engine, run_dir=run_dir, report_to=report_to,
+            overlap=overlap, resume=not fresh,
+        )
+        run_multi_agent_demo(options, train, val, console)
+        return
     algorithm = build_demo_algorithm(
         steps=steps,
         time_budget_s=time_budget,
