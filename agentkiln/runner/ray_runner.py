@@ -24,11 +24,11 @@ from agentkiln.runner.runner import (
     configure_worker_logging,
     install_stop_signals,
     load_agent,
-    open_runner_store,
+    run_worker,
     with_tracing,
 )
 from agentkiln.runner.sidecar import CommandAgent
-from agentkiln.runner.worker import RolloutWorker, WorkerConfig, default_worker_id
+from agentkiln.runner.worker import WorkerConfig, default_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,12 @@ class RunnerActor:
             claim = lambda: ray.get(budget.claim.remote())  # noqa: E731 - called between attempts, on this thread
             unclaim = lambda: ray.get(budget.unclaim.remote())  # noqa: E731
 
-        async def main() -> int:
-            store = open_runner_store(self.store_url, self.config.api_key)
-            try:
-                worker = RolloutWorker(agent, store, worker_id=self.worker_id, config=self.config)
-                return await worker.run(
-                    should_stop=self._stop.is_set, claim=claim, unclaim=unclaim, until_empty=until_empty
-                )
-            finally:
-                await store.close()
-
-        return asyncio.run(main())
+        return asyncio.run(
+            run_worker(
+                agent, self.store_url, self.config, self.worker_id,
+                should_stop=self._stop.is_set, claim=claim, unclaim=unclaim, until_empty=until_empty,
+            )
+        )
 
     def stop(self) -> None:
         self._stop.set()

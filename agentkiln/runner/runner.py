@@ -280,6 +280,26 @@ def configure_worker_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll/heartbeat drowns the agent's logs
 
 
+async def run_worker(
+    agent: BaseAgent,
+    store_url: str,
+    config: WorkerConfig,
+    worker_id: str,
+    *,
+    should_stop: Callable[[], bool],
+    claim: Callable[[], bool] | None = None,
+    unclaim: Callable[[], None] | None = None,
+    until_empty: bool = False,
+) -> int:
+    """One RolloutWorker over its own store client, in a worker process or a Ray actor; returns rollouts run."""
+    store = open_runner_store(store_url, config.api_key)
+    try:
+        worker = RolloutWorker(agent, store, worker_id=worker_id, config=config)
+        return await worker.run(should_stop=should_stop, claim=claim, unclaim=unclaim, until_empty=until_empty)
+    finally:
+        await store.close()
+
+
 def _process_main(
     agent_spec: AgentSpec,
     store_url: str,
@@ -310,18 +330,13 @@ def _process_main(
         config = with_tracing(config)
     budget = RolloutBudget(budget_value, budget_value.get_lock())
 
-    async def main() -> int:
-        store = open_runner_store(store_url, config.api_key)
-        try:
-            worker = RolloutWorker(agent, store, worker_id=worker_id, config=config)
-            return await worker.run(
-                should_stop=stop_event.is_set, claim=budget.claim, unclaim=budget.unclaim, until_empty=until_empty
-            )
-        finally:
-            await store.close()
-
     try:
-        counts[index] = asyncio.run(main())
+        counts[index] = asyncio.run(
+            run_worker(
+                agent, store_url, config, worker_id,
+                should_stop=stop_event.is_set, claim=budget.claim, unclaim=budget.unclaim, until_empty=until_empty,
+            )
+        )
     except KeyboardInterrupt:
         logger.warning("worker %s aborted; its current attempt is left to the server's unresponsive sweep", worker_id)
         raise SystemExit(130) from None

@@ -15,7 +15,6 @@ from agentkiln.models import (
     Canary,
     CanaryDecision,
     CanaryIn,
-    CanaryStatus,
     Feedback,
     FeedbackIn,
     AttemptedRollout,
