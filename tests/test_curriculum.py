@@ -132,3 +132,6 @@ class _Outcome:
 
     def latest_spans(self) -> list:  # as Trace: the loop counts the sampled tokens in them
         return []
+
+    def reward_names(self) -> set[str]:  # as Trace: the loop reports named rewards besides primary
+        return {"primary"}
