@@ -63,7 +63,7 @@ def shares(result: Any, agents: Sequence[str]) -> dict[str, dict[str, float | No
 
 
 def run_multi_agent_demo(options: MultiAgentDemo, train: list[Any], val: list[Any], console: Console) -> dict[str, Any]:
-    from agentkiln.cli.demo import build_demo_algorithm
+    from agentkiln.demo.algorithm import build_demo_algorithm
     from agentkiln.dashboard.plots import plot_reward_history
     from agentkiln.demo.multi_agent import AGENTS, planner_answerer_agent
     from agentkiln.engine.model_files import tiny_model_dir
