@@ -110,6 +110,21 @@ async def test_registry_refuses_full_checkpoints_and_says_when_runtime_loading_i
     assert again.version_for(None) == "v1"
 
 
+async def test_registry_refuses_an_adapter_above_the_servers_max_rank(tmp_path):
+    admin = FakeAdmin()
+    reg = LoraAdapters("http://vllm", transport=admin.transport(), max_rank=16)
+    wide = Path(adapter_dir(tmp_path, "wide"))
+    (wide / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": 32}}))
+    with pytest.raises(EngineRequestError, match="rank-32 LoRA adapter .* max_lora_rank=16.*max_lora_rank=32"):
+        await reg.load(None, str(wide), "v1")
+    assert admin.calls == [] and reg.served == {}  # vLLM is never asked; the previous weights keep serving
+    fits = Path(adapter_dir(tmp_path, "fits"))
+    (fits / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    await reg.load(None, str(fits), "v1")
+    assert reg.version_for(None) == "v1"
+    assert VLLMOptions(model_dir=tmp_path).max_lora_rank == 16  # the learner's default rank, not vLLM's padding cost
+
+
 def fake_vllm(seen: list[dict], answer_ids: list[int]) -> httpx.MockTransport:
     def handle(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("_lora_adapter"):

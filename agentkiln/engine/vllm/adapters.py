@@ -16,6 +16,7 @@ A server that does not allow runtime loading answers 404 (no such route) or 400 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -49,6 +50,16 @@ def is_lora_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def adapter_rank(path: str | Path) -> int | None:
+    """The largest LoRA rank in a peft adapter's config (`r` and any per-module `rank_pattern`); None if unreadable."""
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        ranks = [int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return max(ranks)
+
+
 class LoraAdapters:
     """The adapters loaded into one vLLM server, keyed like the embedded engine's weight sets."""
 
@@ -58,12 +69,15 @@ class LoraAdapters:
         headers: dict[str, str] | None = None,
         max_adapters: int = 16,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_rank: int | None = None,
     ) -> None:
-        """`transport` replaces the network (tests)."""
+        """`max_rank`: the server's --max-lora-rank when kiln started it (None: unknown, vLLM's own 400
+        is passed on); `transport` replaces the network (tests)."""
         self.root_url = root_url.rstrip("/")
         self.transport = transport
         self.headers = dict(headers or {})
         self.max_adapters = max_adapters
+        self.max_rank = max_rank
         self.served: dict[str | None, ServedAdapter] = {}
 
     def key_for(self, agent: str | None, variant: str | None) -> str | None:
@@ -85,6 +99,7 @@ class LoraAdapters:
                 f"{path} is not a LoRA adapter (no adapter_config.json): a vLLM engine serves trained weights "
                 "as LoRA adapters; train with LoRA (the default) or serve full checkpoints with the embedded engine"
             )
+        self._check_rank(path)
         old = self.served.get(key)
         if old is not None and old.path == path and old.version == version:
             return
@@ -97,6 +112,18 @@ class LoraAdapters:
         log.info("vLLM serves %s as %s (version %s)", adapter.path, adapter.name, version)
         if old is not None and old.name != adapter.name:
             await self._unload(old.name)
+
+    def _check_rank(self, path: str) -> None:
+        """Refuse an adapter above the server's max rank before vLLM does, saying which option to raise."""
+        if self.max_rank is None:
+            return
+        rank = adapter_rank(path)
+        if rank is not None and rank > self.max_rank:
+            raise EngineRequestError(
+                f"{path} is a rank-{rank} LoRA adapter but the vLLM server was started with max_lora_rank="
+                f"{self.max_rank}: start it with vllm:<folder>?max_lora_rank={rank} (each step of the server's max "
+                "rank costs every call on vLLM-CPU, so keep it at the rank you train)"
+            )
 
     async def unload(self, key: str | None) -> bool:
         """Stop serving weight set `key`'s adapter (its calls get the base model again); True when it had one."""

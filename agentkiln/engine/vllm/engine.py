@@ -80,6 +80,7 @@ class VLLMEngine(Engine):
         api_key: str | None = None,
         server: VLLMServer | None = None,
         max_adapters: int = 16,
+        max_lora_rank: int | None = None,
         timeout_s: float = 600.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -101,7 +102,9 @@ class VLLMEngine(Engine):
             if transport is None
             else HttpxTransport(self.base_url, headers, timeout_s, transport)
         )
-        self.adapters = LoraAdapters(self.base_url.removesuffix("/v1"), headers, max_adapters, transport)
+        self.adapters = LoraAdapters(
+            self.base_url.removesuffix("/v1"), headers, max_adapters, transport, max_rank=max_lora_rank
+        )
         self._main_version = BASE_VERSION  # the main weights' version while no main adapter is served
         if server is not None:
             server.on_restart.append(self.adapters.reload)
@@ -117,6 +120,7 @@ class VLLMEngine(Engine):
             max_context=options.max_model_len,
             server=server,
             max_adapters=options.max_cpu_loras,
+            max_lora_rank=options.max_lora_rank,
         )
 
     # ---- versions and routing -------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Options (query string): `port` (default: a free one), `dtype` (auto: bf16 where the device has
 bf16 units, else float32, as for the embedded engine), `max_model_len` (2048), `max_loras` (4:
-adapters in one batch), `max_cpu_loras` (16: adapters kept loaded), `max_lora_rank` (64),
+adapters in one batch), `max_cpu_loras` (16: adapters kept loaded), `max_lora_rank` (16, the
+learner's default LoRA rank: vLLM pads every adapter to it and on CPU every call pays for the
+padding, adapter or not, 3.5x on adapter calls from 64 to 16: bench/bench_vllm_lora.py),
 `kv_cache_gb` (CPU KV space, 2), `gpu_memory_utilization` (GPU only, 0.85), `device` (auto: cuda
 when torch sees one in this process, else cpu), `startup_timeout_s` (900), `python` (the
 interpreter of the vLLM venv; default $KILN_VLLM_PYTHON, else .venv-vllm/bin/python),
@@ -47,7 +49,7 @@ class VLLMOptions:
     max_model_len: int = 2048
     max_loras: int = 4
     max_cpu_loras: int = 16
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16
     kv_cache_gb: float = 2.0
     gpu_memory_utilization: float = 0.85
     startup_timeout_s: float = 900.0
