@@ -9,6 +9,7 @@ tokenizer gives unit tests real tokenization at negligible cost.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -73,12 +74,23 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     src = gguf_path()
     log.info("converting %s to safetensors in %s (one-time, ~15 s)", src.name, out)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # Quiet by default: transformers' own bars ("Writing model shards") follow its switch; the
+    # GGUF reader calls tqdm directly, so its bar is turned off for this call only.
+    hf_logging.disable_progress_bar()
+    gguf_tqdm = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
     # The GGUF loader marks the model as quantized; the weights are already dequantized, so
     # drop the marker or save_pretrained refuses / writes a config that reloads as GGUF.
     model.hf_quantizer = None
