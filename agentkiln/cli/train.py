@@ -285,27 +285,69 @@ def _train_production(
     typer.echo(json.dumps(ProductionTrainResult.model_validate(result).summary()))
 
 
+EXPORT_FORMATS = ("jsonl", "verl", "llamafactory")
+
+
 @app.command("export")
 def export(
-    out: Path = typer.Argument(..., help="JSONL file to write transitions to"),
+    out: Path = typer.Argument(..., help="JSONL file (--format jsonl) or folder (verl, llamafactory) to write"),
     server: str = typer.Option(DEFAULT_SERVER, "--server", envvar="KILN_SERVER_URL"),
     store: Optional[str] = typer.Option(None, "--store", help="read a store directly (e.g. runs/kiln.db)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KILN_API_KEY"),
     mode: Optional[str] = typer.Option(None, help="only rollouts of this mode (train/val/test)"),
     agent_match: Optional[str] = typer.Option(None, help="regex on agent names"),
     merge: bool = typer.Option(False, help="merge turns whose token history continues"),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl (transitions), verl (prompts.parquet + dataproto.npz), "
+                            "llamafactory (sharegpt + dataset_info.json)"),
+    pairs: str = typer.Option("none", help="llamafactory: 'group' adds preference pairs from differently rewarded "
+                              "rollouts of one task"),
+    min_reward: Optional[float] = typer.Option(None, help="llamafactory: SFT keeps rollouts rewarded at least this"),
+    pad_token_id: int = typer.Option(0, help="verl: the id prompts and responses are padded with"),
 ) -> None:
-    """Export finished rollouts as RL transitions (JSONL) for other trainers."""
+    """Export finished rollouts for other trainers: RL transitions (JSONL), verl, or LLaMA-Factory datasets."""
+    if fmt not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"{fmt!r}: use one of {', '.join(EXPORT_FORMATS)}", param_hint="--format")
+    if pairs not in ("none", "group"):
+        raise typer.BadParameter(f"{pairs!r}: use none or group", param_hint="--pairs")
+    if fmt != "llamafactory" and (pairs != "none" or min_reward is not None):
+        raise typer.BadParameter("--pairs and --min-reward belong to --format llamafactory", param_hint="--format")
+    if fmt != "jsonl" and out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} is a file; --format {fmt} writes a folder", param_hint="OUT")
+    traces = asyncio.run(_load(store or server, api_key, mode))
+    try:
+        message = _write_export(fmt, traces, out, agent_match=agent_match, merge=merge, pairs=pairs,
+                                min_reward=min_reward, pad_token_id=pad_token_id)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(message)
+
+
+def _write_export(fmt: str, traces: list[Any], out: Path, *, agent_match: Optional[str], merge: bool, pairs: str,
+                  min_reward: Optional[float], pad_token_id: int) -> str:
+    """Write `traces` in `fmt`; the line `kiln export` prints."""
+    from agentkiln.adapter.formats.chat import run_calls
+    from agentkiln.adapter.transitions import build_batch
+
+    runs = [r for r in (run_calls(*t, agent_match=agent_match) for t in traces) if r is not None]
+    if fmt == "llamafactory":
+        from agentkiln.adapter.formats.llamafactory import write_llamafactory
+
+        lf = write_llamafactory(runs, out, pairs=pairs, min_reward=min_reward)  # type: ignore[arg-type]
+        return f"wrote {lf.sft} conversations and {lf.pairs} pairs to {out} (left out: {lf.skipped})"
+    transitions, skipped = build_batch(traces, agent_match=agent_match, merge=merge)
+    if fmt == "verl":
+        from agentkiln.adapter.formats.verl import write_verl
+
+        counts = write_verl(runs, transitions, out, pad_token_id=pad_token_id)
+        return (f"wrote {counts['transitions']} transitions and {counts['prompts']} prompts to {out}"
+                f" ({len(skipped)} LLM calls left out)")
     from agentkiln.adapter.export import write_jsonl
 
-    transitions, skipped = asyncio.run(_collect(store or server, api_key, mode, agent_match, merge))
     n = write_jsonl(transitions, out)
-    typer.echo(f"wrote {n} transitions to {out} ({len(skipped)} LLM calls left out)")
+    return f"wrote {n} transitions to {out} ({len(skipped)} LLM calls left out)"
 
 
-async def _collect(url: str, api_key: Optional[str], mode: Optional[str], agent_match: Optional[str], merge: bool):
-    from agentkiln.adapter.transitions import build_batch
+async def _load(url: str, api_key: Optional[str], mode: Optional[str]):
     from agentkiln.training.trace import load_traces_from
 
-    traces = await load_traces_from(url, api_key=api_key, mode=mode)
-    return build_batch(traces, agent_match=agent_match, merge=merge)
+    return await load_traces_from(url, api_key=api_key, mode=mode)
