@@ -108,6 +108,24 @@ def test_kiln_train_offline_from_production(store_db: Path, tmp_path: Path, tiny
     assert candidate.candidate and candidate.metadata["algorithm"] == algorithm
 
 
+def test_kiln_train_offline_from_production_with_trl_dpo(store_db: Path, tmp_path: Path, tiny_dir: str) -> None:
+    """The same corrections and ratings trained by TRL's DPOTrainer (`--backend trl`), published as a candidate."""
+    import agentkiln.cli.train  # noqa: F401
+    from agentkiln.cli.app import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [
+        "train-offline", "--source", "production", "--store", str(store_db), "--since", "1h", "--backend", "trl",
+        "--algorithm", "dpo", "--out", str(out), "--model-dir", tiny_dir, "--lr", "1e-3", "--feedback-name", NAME,
+        "--set", "trl.lora.r=2", "--set", "trl.bf16=false", "--set", "warm_start=false", "--publish", str(store_db),
+    ])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("{")))
+    assert summary["trained_on"] == 2 and summary["resources_id"]
+    assert json.loads((out / "trl_result.json").read_text())["algorithm"] == "dpo"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--algorithm", "dpo"], "dpo: with --source production"),
     (["--source", "production"], "--since"),

@@ -10,6 +10,10 @@ is a data set:
   advantages from the group rewards, clipped policy-gradient updates. The ratio is taken
   against the recorded logprobs, so the traces must come from the weights being trained
   (or close to them); far-off traces are clipped away and teach little: use sft then.
+
+``backend="trl"`` trains the same selection with TRL's trainers instead of our learner
+(agentkiln/backends/trl: accelerate / DeepSpeed configurations through ``trl.args``); GRPO then
+gets every transition, since TRL forms its groups and advantages itself.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from agentkiln.adapter.transitions import build_batch
 from agentkiln.algorithms.grpo.config import GRPOConfig
 from agentkiln.algorithms.sft.algorithm import select_best
 from agentkiln.algorithms.sft.config import SFTConfig
+from agentkiln.backends.trl.config import TRLBackendConfig
 from agentkiln.models import Transition
+from agentkiln.training.config import ADAPTER_DIR
 from agentkiln.training.trace import Trace, skip_counts
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
 RESULT_FILE = "offline_result.json"
 
 
@@ -42,9 +47,11 @@ class OfflineConfig:
 
     batch_size: transitions per GRPO update (SFT batches with sft.batch_size).
     epochs: passes over the data (for SFT it overrides sft.epochs).
+    backend: "kiln" (our learner, `sft` / `grpo` settings) or "trl" (TRL's trainers, `trl` settings).
     """
 
     algorithm: Literal["sft", "grpo"] = "sft"
+    backend: Literal["kiln", "trl"] = "kiln"
     model_dir: str | None = None
     agent_match: str | None = None
     merge_turns: bool = False
@@ -55,6 +62,11 @@ class OfflineConfig:
     batch_size: int = 32
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    trl: TRLBackendConfig = field(default_factory=TRLBackendConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("kiln", "trl"):
+            raise ValueError(f"unknown backend {self.backend!r}: use kiln or trl")
 
 
 @dataclass
@@ -77,6 +89,8 @@ def select_training_data(
     )
     if config.algorithm == "sft":
         chosen = select_best(transitions, min_reward=config.min_reward, top_k=config.top_k)
+    elif config.backend == "trl":
+        chosen = list(transitions)  # TRL computes group advantages from the returns itself
     else:
         chosen = [t for t in transitions if t.advantage != 0.0]
     return transitions, chosen, skip_counts(skipped)
@@ -102,7 +116,14 @@ def train_offline(traces: Sequence[Trace], out_dir: str | Path, config: OfflineC
     )
     metrics: list[dict[str, float]] = []
     adapter: str | None = None
-    if chosen:
+    if chosen and config.backend == "trl":
+        from agentkiln.backends.trl import train_with_trl
+
+        trl_config = replace(config.trl, algorithm=config.algorithm, epochs=config.epochs)
+        trained = train_with_trl(chosen, config.model_dir or smollm2_dir(), out, trl_config)
+        metrics, adapter = trained.metrics, trained.adapter
+        skipped = {**skipped, **{f"trl: {k}": v for k, v in trained.dropped.items()}}
+    elif chosen:
         model_dir = config.model_dir or smollm2_dir()
         if config.algorithm == "sft":
             learner = Learner(model_dir, replace(config.sft, epochs=config.epochs))

@@ -56,7 +56,7 @@ TRAIN_OPTIONS: dict[str, dict[str, str]] = {
 OFFLINE_OPTIONS: dict[str, tuple[str, ...]] = {
     "algorithm": ("algorithm",), "model_dir": ("model_dir",), "agent_match": ("agent_match",),
     "merge": ("merge_turns",), "min_reward": ("min_reward",), "top_k": ("top_k",), "epochs": ("epochs",),
-    "lr": ("sft.lr", "grpo.lr"), "temperature": ("grpo.temperature",),
+    "lr": ("sft.lr", "grpo.lr", "trl.lr"), "temperature": ("grpo.temperature",), "backend": ("backend",),
 }
 SET_HELP = "KEY=VALUE for any field of the algorithm's dataclasses, e.g. config.kl_coef=0.05 (repeatable)"
 
@@ -210,7 +210,12 @@ def train_offline_cmd(
         None, "--feedback-name", help="production: use only feedback with this name (repeatable; default all)"
     ),
     publish: Optional[str] = typer.Option(
-        None, "--publish", help="production: publish the adapter to this server (or store) as a candidate version"
+        None, "--publish", help="publish the adapter to this server (or store): a served version (rollouts) or a "
+        "candidate version for a canary (production)"
+    ),
+    backend: str = typer.Option(
+        "kiln", help="kiln (our learner) or trl (TRL's SFT/DPO/GRPO trainers; --set trl.args.<field>=... for "
+        "any TRL config field, e.g. trl.args.gradient_checkpointing=true)"
     ),
 ) -> None:
     """Train from rollouts already in a store, or (--source production) from users' feedback on
@@ -226,7 +231,7 @@ def train_offline_cmd(
             {
                 "algorithm": algorithm, "model_dir": model_dir, "dataset.agent_match": agent_match,
                 "dataset.min_reward": min_reward, "epochs": epochs, "sft.lr": lr, "dpo.lr": lr, "grpo.lr": lr,
-                "grpo.temperature": temperature,
+                "grpo.temperature": temperature, "backend": backend, "trl.lr": lr,
                 **({"dataset.names": tuple(feedback_name)} if feedback_name else {}),
                 **_settings(settings),
             },
@@ -234,29 +239,32 @@ def train_offline_cmd(
         return
     if source != "rollouts":
         raise typer.BadParameter("use rollouts or production", param_hint="--source")
-    if since is not None or publish is not None or feedback_name:
-        raise typer.BadParameter("--since, --publish and --feedback-name need --source production")
+    if since is not None or feedback_name:
+        raise typer.BadParameter("--since and --feedback-name need --source production")
     if algorithm not in ("sft", "grpo"):
         raise typer.BadParameter("use sft or grpo (dpo: with --source production)", param_hint="--algorithm")
     named = {
         "algorithm": algorithm, "model_dir": model_dir, "agent_match": agent_match, "merge": merge,
         "min_reward": min_reward, "top_k": top_k, "epochs": epochs, "lr": lr, "temperature": temperature,
+        "backend": backend,
     }
     values = {field: named[opt] for opt, fields in OFFLINE_OPTIONS.items() for field in fields}
     config = _build(OfflineConfig, {**values, **_settings(settings)})
     traces = asyncio.run(load_traces_from(store, api_key=api_key, mode=mode, limit=limit))
     result = train_offline(traces, out, config)
-    typer.echo(
-        json.dumps(
-            {
-                "rollouts": result.rollouts,
-                "transitions": result.transitions,
-                "trained_transitions": result.trained_transitions,
-                "adapter": result.adapter,
-                "skipped": result.skipped,
-            }
-        )
-    )
+    summary = {
+        "rollouts": result.rollouts,
+        "transitions": result.transitions,
+        "trained_transitions": result.trained_transitions,
+        "adapter": result.adapter,
+        "skipped": result.skipped,
+    }
+    if publish is not None and result.adapter is not None:
+        from agentkiln.production.train import publish_adapter_url
+
+        meta = {"algorithm": algorithm, "backend": backend, "source": "offline"}
+        summary["resources_id"] = asyncio.run(publish_adapter_url(publish, result.adapter, api_key, meta))
+    typer.echo(json.dumps(summary))
 
 
 def _train_production(

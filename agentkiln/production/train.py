@@ -28,14 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentkiln.algorithms.dpo.config import DPOConfig
 from agentkiln.algorithms.grpo.config import GRPOConfig
 from agentkiln.algorithms.sft.config import SFTConfig
+from agentkiln.backends.trl.config import TRLBackendConfig
 from agentkiln.models import LLMEndpoint, Resources, ResourcesIn
 from agentkiln.production.dataset import DatasetConfig, DatasetReport, ProductionDataset, load_production_dataset
 from agentkiln.production.since import parse_since
 from agentkiln.store.base import Store
+from agentkiln.training.config import ADAPTER_DIR
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
 RESULT_FILE = "production_result.json"
 MAIN_LLM = "main"
 DEFAULT_MAX_IMPORTANCE_WEIGHT = 3.0  # dual-clip PPO's usual c (Ye et al. 2020)
@@ -52,9 +53,12 @@ class ProductionTrainConfig:
     model: the model name the published candidate names (None: the deployed version's).
     warm_start: start from the deployed version's LoRA adapter when it has one (a candidate is the
         deployed model improved by the new feedback); False: a fresh adapter on the base model.
+    backend: "kiln" (our learner, `sft` / `dpo` / `grpo` settings) or "trl" (TRL's trainers, `trl`
+        settings; its GRPO takes no importance cap, see agentkiln/backends/trl/train.py).
     """
 
     algorithm: Algorithm = "sft"
+    backend: Literal["kiln", "trl"] = "kiln"
     model_dir: str | None = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     epochs: int | None = None
@@ -64,10 +68,13 @@ class ProductionTrainConfig:
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(max_importance_weight=DEFAULT_MAX_IMPORTANCE_WEIGHT))
     model: str | None = None
     warm_start: bool = True
+    trl: TRLBackendConfig = field(default_factory=TRLBackendConfig)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("sft", "dpo", "grpo"):
             raise ValueError(f"unknown algorithm {self.algorithm!r}: use sft, dpo or grpo")
+        if self.backend not in ("kiln", "trl"):
+            raise ValueError(f"unknown backend {self.backend!r}: use kiln or trl")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError("epochs must be at least 1")
         if self.batch_size < 1:
@@ -119,6 +126,8 @@ def _train(
         log.warning("production %s: nothing to train on (see the report's dropped counts)", config.algorithm)
         return 0, [], None
     model_dir = config.model_dir or smollm2_dir()
+    if config.backend == "trl":
+        return _train_trl(config, examples, model_dir, out, init_adapter)
     metrics: list[dict[str, float]] = []
     learner_config = {
         "sft": replace(config.sft, epochs=config.epochs or config.sft.epochs),
@@ -144,13 +153,32 @@ def _train(
     return len(examples), metrics, str(learner.save(out / ADAPTER_DIR))
 
 
+def _train_trl(
+    config: ProductionTrainConfig, examples: list[Any], model_dir: Any, out: Path, init_adapter: str | None
+) -> tuple[int, list[dict[str, float]], str | None]:
+    """The same sets trained with TRL's trainers (warm-started from the deployed adapter as well)."""
+    from agentkiln.backends.trl import train_with_trl
+
+    trl_config = replace(config.trl, algorithm=config.algorithm, epochs=config.epochs or config.trl.epochs)
+    if init_adapter is not None and trl_config.lora is None:
+        init_adapter = None  # a full fine-tune starts from the base weights
+    result = train_with_trl(examples, model_dir, out, trl_config, init_adapter=init_adapter)
+    return result.trained_on, result.metrics, result.adapter
+
+
 async def publish_candidate(
-    store: Store, adapter: str | Path, *, model: str | None = None, metadata: dict[str, Any] | None = None
+    store: Store,
+    adapter: str | Path,
+    *,
+    model: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    candidate: bool = True,
 ) -> Resources:
-    """A candidate resources version serving `adapter` as the main weights (a canary can then try it).
+    """A candidate resources version serving `adapter` as the main weights (a canary can then try it);
+    `candidate=False`: a plain new version, served to every call from then on.
 
     Everything else (the main endpoint's model name and sampling, other endpoints, prompts) is
-    copied from the deployed version, so the candidate differs in its weights only.
+    copied from the deployed version, so the new version differs in its weights only.
     """
     from agentkiln.engine.model_files import SMOLLM2_SUBDIR
 
@@ -164,7 +192,7 @@ async def publish_candidate(
     )
     resources = await store.add_resources(
         ResourcesIn(
-            candidate=True,
+            candidate=candidate,
             llms=llms,
             prompts=deployed.prompts if deployed is not None else {},
             metadata={
@@ -174,8 +202,18 @@ async def publish_candidate(
             },
         )
     )
-    log.info("published candidate %s (v%d) with adapter %s", resources.resources_id, resources.version, adapter)
+    log.info("published %s %s (v%d) with adapter %s", "candidate" if candidate else "version", resources.resources_id,
+             resources.version, adapter)  # fmt: skip
     return resources
+
+
+async def publish_adapter_url(url: str, adapter: str | Path, api_key: str | None, metadata: dict[str, Any]) -> str:
+    """Publish `adapter` as the served main weights on a server URL or store path; its resources id."""
+    store = _open(url, api_key)
+    try:
+        return (await publish_candidate(store, adapter, metadata=metadata, candidate=False)).resources_id
+    finally:
+        await store.close()
 
 
 async def train_from_production(
