@@ -40,6 +40,8 @@ _LAZY = {
     "CreditConfig": "agentkiln.adapter.credit",
     "RewardSignals": "agentkiln.adapter.signals",
     "APO": "agentkiln.algorithms.apo.algorithm",
+    "GEPA": "agentkiln.algorithms.gepa.algorithm",
+    "GEPAConfig": "agentkiln.algorithms.gepa.config",
     "SFT": "agentkiln.algorithms.sft.algorithm",
     "SFTConfig": "agentkiln.algorithms.sft.config",
     "Curriculum": "agentkiln.algorithms.curriculum",

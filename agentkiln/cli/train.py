@@ -52,6 +52,11 @@ TRAIN_OPTIONS: dict[str, dict[str, str]] = {
         "tasks_per_step": "train_batch_size", "optimizer_url": "optimizer.base_url",
         "optimizer_model": "optimizer.model", "optimizer_key": "optimizer.api_key",
     },
+    "gepa": {
+        "prompt_name": "prompt_name", "prompt": "initial_prompt", "tasks_per_step": "config.reflection_minibatch_size",
+        "optimizer_url": "optimizer.base_url",
+        "optimizer_model": "optimizer.model", "optimizer_key": "optimizer.api_key",
+    },
 }
 OFFLINE_OPTIONS: dict[str, tuple[str, ...]] = {
     "algorithm": ("algorithm",), "model_dir": ("model_dir",), "agent_match": ("agent_match",),
@@ -74,7 +79,11 @@ def _algorithm_class(name: str) -> Any:
         from agentkiln.algorithms.apo.algorithm import APO
 
         return APO
-    raise typer.BadParameter(f"unknown algorithm {name!r}: use grpo, sft or apo", param_hint="--algorithm")
+    if name == "gepa":
+        from agentkiln.algorithms.gepa.algorithm import GEPA
+
+        return GEPA
+    raise typer.BadParameter(f"unknown algorithm {name!r}: use grpo, sft, apo or gepa", param_hint="--algorithm")
 
 
 def _settings(pairs: Optional[list[str]]) -> dict[str, str]:
@@ -99,7 +108,10 @@ def _build(cls: Any, values: dict[str, Any]) -> Any:
 def train(
     train_file: Path = typer.Argument(..., help="training tasks (JSONL or a JSON list)"),
     val_file: Optional[Path] = typer.Option(None, "--val", help="validation tasks"),
-    algorithm: str = typer.Option("grpo", help="grpo (RL), sft (imitate the best runs) or apo (optimize a prompt)"),
+    algorithm: str = typer.Option(
+        "grpo", help="grpo (RL), sft (imitate the best runs), apo or gepa (optimize a prompt; gepa's budget: "
+        "--set config.max_metric_calls=N rollouts)"
+    ),
     server: str = typer.Option(DEFAULT_SERVER, "--server", envvar="KILN_SERVER_URL"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KILN_API_KEY"),
     model_dir: Optional[str] = typer.Option(None, help="weights the server's engine serves (default: SmolLM2)"),
@@ -114,11 +126,11 @@ def train(
     ),
     eval_every: int = typer.Option(5),
     min_reward: float = typer.Option(1.0, help="sft: imitate rollouts with at least this reward"),
-    prompt_name: str = typer.Option("system", help="apo: the prompt the agent reads from its `prompts`"),
-    prompt: Optional[str] = typer.Option(None, help="apo: starting template, or @file (default: the published one)"),
+    prompt_name: str = typer.Option("system", help="apo, gepa: the prompt the agent reads from its `prompts`"),
+    prompt: Optional[str] = typer.Option(None, help="apo, gepa: starting template or @file (default: the published)"),
     beam: int = typer.Option(2, help="apo: beam width"),
-    optimizer_url: Optional[str] = typer.Option(None, help="apo: OpenAI-compatible base URL of the optimizer LLM"),
-    optimizer_model: Optional[str] = typer.Option(None, help="apo: optimizer model name"),
+    optimizer_url: Optional[str] = typer.Option(None, help="apo, gepa: OpenAI-compatible URL of the optimizer LLM"),
+    optimizer_model: Optional[str] = typer.Option(None, help="apo, gepa: optimizer model name"),
     optimizer_key: Optional[str] = typer.Option(None, envvar="KILN_OPTIMIZER_API_KEY"),
     run_dir: Path = typer.Option(Path("runs/train"), help="where history, checkpoints and results go"),
     resume: bool = typer.Option(True, help="grpo: continue from run_dir/checkpoint if present"),
@@ -167,7 +179,7 @@ def train(
 def _build_algorithm(name: str, settings: Optional[dict[str, str]] = None, **options: Any) -> Any:
     """The algorithm `name` with the named options mapped through TRAIN_OPTIONS, then `settings` (--set)."""
     cls = _algorithm_class(name)
-    if name == "apo":
+    if name in ("apo", "gepa"):
         prompt = options.get("prompt")
         if prompt is not None and prompt.startswith("@"):
             options["prompt"] = Path(prompt[1:]).read_text()

@@ -29,6 +29,7 @@ from agentkiln.algorithms.apo.prompts import (
     check_candidate,
     collect_failures,
     extract_prompt,
+    placeholder_rule,
     placeholders,
     render_failures,
 )
@@ -41,6 +42,33 @@ log = logging.getLogger(__name__)
 
 HISTORY_FILE = "apo_history.json"
 BEST_FILE = "best_prompt.json"
+
+
+async def base_resources(
+    ctx: TrainingContext,
+    llms: dict[str, LLMEndpoint] | None,
+    prompt_name: str,
+    initial_prompt: str | PromptTemplate | None,
+) -> tuple[dict[str, LLMEndpoint], dict[str, PromptTemplate], PromptTemplate]:
+    """What a prompt optimizer starts from: the endpoints and prompts to publish candidates with
+    (the latest published ones unless given) and the starting template (checked)."""
+    latest = await ctx.store.get_latest_resources()
+    llms = (
+        dict(llms)
+        if llms is not None
+        else dict(latest.llms)
+        if latest and latest.llms
+        else {"main": LLMEndpoint(model=ctx.model_name)}
+    )
+    prompts = dict(latest.prompts) if latest else {}
+    initial = initial_prompt
+    if initial is None:
+        if prompt_name not in prompts:
+            raise ValueError(f"no initial prompt: give initial_prompt or publish prompts[{prompt_name!r}]")
+        initial = prompts[prompt_name]
+    template = initial if isinstance(initial, PromptTemplate) else PromptTemplate(template=initial)
+    placeholders(template)  # fail early on a malformed starting template
+    return llms, prompts, template
 
 
 @dataclass
@@ -86,23 +114,7 @@ class APO(Algorithm):
     async def _base(
         self, ctx: TrainingContext
     ) -> tuple[dict[str, LLMEndpoint], dict[str, PromptTemplate], PromptTemplate]:
-        latest = await ctx.store.get_latest_resources()
-        llms = (
-            dict(self.llms)
-            if self.llms is not None
-            else dict(latest.llms)
-            if latest and latest.llms
-            else {"main": LLMEndpoint(model=ctx.model_name)}
-        )
-        prompts = dict(latest.prompts) if latest else {}
-        initial = self.initial_prompt
-        if initial is None:
-            if self.prompt_name not in prompts:
-                raise ValueError(f"no initial prompt: give initial_prompt or publish prompts[{self.prompt_name!r}]")
-            initial = prompts[self.prompt_name]
-        template = initial if isinstance(initial, PromptTemplate) else PromptTemplate(template=initial)
-        placeholders(template)  # fail early on a malformed starting template
-        return llms, prompts, template
+        return await base_resources(ctx, self.llms, self.prompt_name, self.initial_prompt)
 
     async def _publish(self, run: Run, text: str, note: dict[str, Any]) -> str:
         prompts = {**self._prompts, self.prompt_name: self._template.model_copy(update={"template": text})}
@@ -152,12 +164,7 @@ class APO(Algorithm):
                 CRITIQUE_USER.format(prompt=parent.prompt, failures=render_failures(failures[: self.max_failures])),
             )
         ).strip()
-        names = sorted(placeholders(self._template))
-        rule = (
-            " Keep these placeholders exactly, written in braces: " + ", ".join("{" + n + "}" for n in names) + "."
-            if names
-            else " Do not use curly braces."
-        )
+        rule = placeholder_rule(self._template)
         rejected: list[dict[str, Any]] = []
 
         async def rewrite() -> Candidate | None:

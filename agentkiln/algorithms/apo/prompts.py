@@ -81,6 +81,14 @@ def check_candidate(candidate: PromptTemplate, original: PromptTemplate, max_cha
     return None
 
 
+def placeholder_rule(template: PromptTemplate) -> str:
+    """The sentence telling an optimizer LLM which placeholders a rewrite must keep."""
+    names = sorted(placeholders(template))
+    if not names:
+        return " Do not use curly braces."
+    return " Keep these placeholders exactly, written in braces: " + ", ".join("{" + n + "}" for n in names) + "."
+
+
 def extract_prompt(text: str) -> str:
     """The prompt inside <prompt>...</prompt>, else the reply without code fences (small models forget tags)."""
     found = re.findall(r"<prompt>\s*(.*?)\s*(?:</prompt>|$)", text or "", flags=re.DOTALL | re.IGNORECASE)
@@ -106,15 +114,18 @@ def final_answer(trace: Trace) -> str | None:
     return call.reply_text() if call.response is not None else None
 
 
+def attempt_error(trace: Trace) -> str | None:
+    """The error message of the rollout's latest attempt (None: it did not fail)."""
+    attempt = trace.latest_attempt
+    return attempt.error.message if attempt is not None and attempt.error is not None else None
+
+
 def collect_failures(traces: Sequence[Trace], success_reward: float) -> list[Failure]:
-    out = []
-    for t in traces:
-        if t.reward >= success_reward:
-            continue
-        attempt = t.latest_attempt
-        error = attempt.error.message if attempt is not None and attempt.error is not None else None
-        out.append(Failure(task=t.rollout.input, answer=final_answer(t), reward=t.reward, error=error))
-    return out
+    return [
+        Failure(task=t.rollout.input, answer=final_answer(t), reward=t.reward, error=attempt_error(t))
+        for t in traces
+        if t.reward < success_reward
+    ]
 
 
 def render_failures(failures: Sequence[Failure], max_chars: int = 400) -> str:
