@@ -36,8 +36,12 @@ class Request:
 
 
 def deliver(future: asyncio.Future, value: Any, exc: BaseException | None) -> None:
-    """Resolve a future unless its caller gave up; call on the future's loop."""
-    if future.cancelled():
+    """Resolve a future unless its caller gave up or it is already resolved; call on the future's loop.
+
+    `done()`, not `cancelled()`: a future resolved meanwhile (seen once as InvalidStateError in a GEPA
+    test's stderr) must not raise on the event loop, where nothing can handle it.
+    """
+    if future.done():
         return
     if exc is not None:
         future.set_exception(exc)
