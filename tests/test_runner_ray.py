@@ -57,7 +57,9 @@ async def test_ray_actors_complete_rollouts(server, client):
 
 
 async def test_killed_actor_attempt_is_requeued_and_completed_by_another(server, client):
-    cfg = RolloutConfig(unresponsive_s=1.0, max_attempts=2, retry_on=[FailureKind.unresponsive])
+    # 5 s (25 missed heartbeats) before a silent attempt counts as lost: on 2 loaded cores a live actor's
+    # heartbeat thread was once starved past 1 s and its attempt requeued before the kill.
+    cfg = RolloutConfig(unresponsive_s=5.0, max_attempts=2, retry_on=[FailureKind.unresponsive])
     r = await client.enqueue_rollout({"q": "x"}, config=cfg)
     runner = ray_runner("tests.runner_test_agents:hang_first", server, n_workers=2)
     thread = threading.Thread(target=runner.run, daemon=True)
