@@ -7,9 +7,12 @@ empty and returns what the store holds, so the tests check exactly what training
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agentkiln.engine.base import ChatRequest, Engine
@@ -104,6 +107,34 @@ def serving() -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------- scripted policies
+
+
+async def run_in_venv(
+    server: KilnServer, kiln: Path, agent: str, env: dict[str, str], task: Any, sampling: dict[str, Any] | None = None
+) -> Run:
+    """Enqueue `task`, run `kiln run <agent>` with another venv's `kiln` (CrewAI, MetaGPT: pins of their
+    own) until the queue is empty, as a user would start it; the Run is what the store then holds."""
+    async with HttpStore(server.url) as store:
+        await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="kiln-model", sampling=sampling or {})}))
+        rollout = await store.enqueue_rollout(task)
+        cmd = [str(kiln), "run", agent, "--server", server.url]
+        cmd += ["-n", "1", "--until-empty", "--mode", "thread", "--heartbeat-s", "0.2"]
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            cmd,
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert proc.returncode == 0 and "1 attempt(s) run" in proc.stdout, proc.stdout + proc.stderr[-6000:]
+        return Run(
+            await store.get_rollout(rollout.rollout_id),
+            await store.query_attempts(rollout.rollout_id),
+            await store.query_spans(rollout.rollout_id),
+        )
 
 
 def last_tool_result(req: ChatRequest) -> str | None:

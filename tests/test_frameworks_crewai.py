@@ -8,19 +8,16 @@ checks read what the store holds, as for the other framework examples.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentkiln.engine.base import ChatRequest
-from agentkiln.models import FailureKind, LLMEndpoint, ResourcesIn
+from agentkiln.models import FailureKind
 from agentkiln.protocol import SpanAttrs
-from agentkiln.store.client import HttpStore
 from tests.gateway_fakes import ScriptedEngine
 from tests.test_frameworks_common import (
     TASK,
@@ -28,6 +25,7 @@ from tests.test_frameworks_common import (
     Run,
     assert_continues,
     assert_recorded,
+    run_in_venv,
     serving,
     solver_policy,
     system_text,
@@ -68,27 +66,7 @@ def crew_env(home: Path) -> dict[str, str]:
 
 async def run_crew(server: KilnServer, home: Path, task: Any = TASK, *, sampling: dict[str, Any] | None = None) -> Run:
     """Enqueue `task`, run `kiln run examples.crewai_agent:agent` in .venv-crewai until the queue is empty."""
-    async with HttpStore(server.url) as store:
-        await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="kiln-model", sampling=sampling or {})}))
-        rollout = await store.enqueue_rollout(task)
-        cmd = [str(KILN), "run", "examples.crewai_agent:agent", "--server", server.url]
-        cmd += ["-n", "1", "--until-empty", "--mode", "thread", "--heartbeat-s", "0.2"]
-        proc = await asyncio.to_thread(
-            subprocess.run,
-            cmd,
-            cwd=ROOT,
-            env=crew_env(home),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert proc.returncode == 0 and "1 attempt(s) run" in proc.stdout, proc.stdout + proc.stderr[-6000:]
-        return Run(
-            await store.get_rollout(rollout.rollout_id),
-            await store.query_attempts(rollout.rollout_id),
-            await store.query_spans(rollout.rollout_id),
-        )
+    return await run_in_venv(server, KILN, "examples.crewai_agent:agent", crew_env(home), task, sampling)
 
 
 def crew_policy(expression: str = "17 * 23") -> Any:

@@ -9,21 +9,17 @@ Without the venv the tests are skipped, except in CI (CI=true), where they fail.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentkiln.engine.base import ChatRequest
-from agentkiln.models import LLMEndpoint, ResourcesIn
 from agentkiln.protocol import SpanAttrs
-from agentkiln.store.client import HttpStore
 from tests.gateway_fakes import ScriptedEngine
 from tests.pg_fixtures import in_ci
-from tests.test_frameworks_common import TASK, KilnServer, Run, assert_recorded, serving, system_text
+from tests.test_frameworks_common import TASK, KilnServer, Run, assert_recorded, run_in_venv, serving, system_text
 
 ROOT = Path(__file__).resolve().parent.parent
 KILN = ROOT / ".venv-metagpt" / "bin" / "kiln"
@@ -55,27 +51,7 @@ def role_env(home: Path) -> dict[str, str]:
 
 async def run_role(server: KilnServer, home: Path, task: Any = TASK, *, sampling: dict[str, Any] | None = None) -> Run:
     """Enqueue `task`, run `kiln run examples.metagpt_agent:agent` in .venv-metagpt until the queue is empty."""
-    async with HttpStore(server.url) as store:
-        await store.add_resources(ResourcesIn(llms={"main": LLMEndpoint(model="kiln-model", sampling=sampling or {})}))
-        rollout = await store.enqueue_rollout(task)
-        cmd = [str(KILN), "run", "examples.metagpt_agent:agent", "--server", server.url]
-        cmd += ["-n", "1", "--until-empty", "--mode", "thread", "--heartbeat-s", "0.2"]
-        proc = await asyncio.to_thread(
-            subprocess.run,
-            cmd,
-            cwd=ROOT,
-            env=role_env(home),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert proc.returncode == 0 and "1 attempt(s) run" in proc.stdout, proc.stdout + proc.stderr[-6000:]
-        return Run(
-            await store.get_rollout(rollout.rollout_id),
-            await store.query_attempts(rollout.rollout_id),
-            await store.query_spans(rollout.rollout_id),
-        )
+    return await run_in_venv(server, KILN, "examples.metagpt_agent:agent", role_env(home), task, sampling)
 
 
 def calculator_policy(answer: str = "391") -> Any:
