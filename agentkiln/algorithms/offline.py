@@ -31,6 +31,7 @@ from agentkiln.adapter.transitions import build_batch
 from agentkiln.algorithms.grpo.config import GRPOConfig
 from agentkiln.algorithms.sft.algorithm import select_best
 from agentkiln.algorithms.sft.config import SFTConfig
+from agentkiln.backends import Backend, check_backend
 from agentkiln.backends.trl.config import TRLBackendConfig
 from agentkiln.models import Transition
 from agentkiln.training.config import ADAPTER_DIR
@@ -51,7 +52,7 @@ class OfflineConfig:
     """
 
     algorithm: Literal["sft", "grpo"] = "sft"
-    backend: Literal["kiln", "trl"] = "kiln"
+    backend: Backend = "kiln"
     model_dir: str | None = None
     agent_match: str | None = None
     merge_turns: bool = False
@@ -65,8 +66,7 @@ class OfflineConfig:
     trl: TRLBackendConfig = field(default_factory=TRLBackendConfig)
 
     def __post_init__(self) -> None:
-        if self.backend not in ("kiln", "trl"):
-            raise ValueError(f"unknown backend {self.backend!r}: use kiln or trl")
+        check_backend(self.backend)
 
 
 @dataclass

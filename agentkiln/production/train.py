@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentkiln.algorithms.dpo.config import DPOConfig
 from agentkiln.algorithms.grpo.config import GRPOConfig
 from agentkiln.algorithms.sft.config import SFTConfig
+from agentkiln.backends import Backend, check_backend
 from agentkiln.backends.trl.config import TRLBackendConfig
 from agentkiln.models import LLMEndpoint, Resources, ResourcesIn
 from agentkiln.production.dataset import DatasetConfig, DatasetReport, ProductionDataset, load_production_dataset
@@ -58,7 +59,7 @@ class ProductionTrainConfig:
     """
 
     algorithm: Algorithm = "sft"
-    backend: Literal["kiln", "trl"] = "kiln"
+    backend: Backend = "kiln"
     model_dir: str | None = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     epochs: int | None = None
@@ -73,8 +74,7 @@ class ProductionTrainConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ("sft", "dpo", "grpo"):
             raise ValueError(f"unknown algorithm {self.algorithm!r}: use sft, dpo or grpo")
-        if self.backend not in ("kiln", "trl"):
-            raise ValueError(f"unknown backend {self.backend!r}: use kiln or trl")
+        check_backend(self.backend)
         if self.epochs is not None and self.epochs < 1:
             raise ValueError("epochs must be at least 1")
         if self.batch_size < 1:

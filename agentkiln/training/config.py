@@ -22,6 +22,18 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
 
+    def peft_config(self) -> Any:
+        """These settings as peft's LoraConfig for a causal LM (our learner and the TRL backend alike)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            task_type="CAUSAL_LM",
+        )
+
 
 @dataclass
 class LearnerConfig:

@@ -108,16 +108,9 @@ class Learner:
         self.pad_id = int(base.config.pad_token_id if base.config.pad_token_id is not None else 0)
         self.ref_model: torch.nn.Module | None = None
         if cfg.lora is not None:
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
 
-            lora = LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=list(cfg.lora.target_modules),
-                task_type="CAUSAL_LM",
-            )
-            self.model = get_peft_model(base, lora)
+            self.model = get_peft_model(base, cfg.lora.peft_config())
             if self.amp:
                 _frozen_linears_to(base, low)
                 for m in self.model.modules():  # autocast casts inputs; peft's cast would add copies

@@ -37,6 +37,10 @@ class Prepared:
     rows: list[dict]
     dropped: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def trained_on(self) -> int:
+        return len(self.rows)
+
 
 @dataclass
 class GRPOGroups:
@@ -46,6 +50,11 @@ class GRPOGroups:
     groups: dict[str, list[Transition]]
     size: int
     dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trained_on(self) -> int:
+        """Calls trained on (a row is a whole group)."""
+        return sum(len(calls) for calls in self.groups.values())
 
 
 def _mask(t: Transition) -> list[int]:
@@ -70,10 +79,8 @@ def dpo_rows(pairs: Sequence[PreferencePair]) -> Prepared:
         if not all(_mask(p.chosen)) or not all(_mask(p.rejected)):
             dropped["answer has tool/environment tokens inside"] += 1
             continue
-        rows.append(
-            {"prompt_ids": list(p.chosen.prompt_ids), "chosen_ids": list(p.chosen.response_ids),
-             "rejected_ids": list(p.rejected.response_ids)}  # fmt: skip
-        )
+        row = {"prompt_ids": list(p.chosen.prompt_ids), "chosen_ids": list(p.chosen.response_ids)}
+        rows.append({**row, "rejected_ids": list(p.rejected.response_ids)})
     return Prepared(rows, dict(dropped))
 
 
@@ -92,7 +99,7 @@ def grpo_groups(transitions: Sequence[Transition]) -> GRPOGroups:
         return GRPOGroups([], {}, 0, dict(dropped))
     size = Counter(len(v) for v in by_key.values()).most_common(1)[0][0]
     groups: dict[str, list[Transition]] = {}
-    for (group_id, step), calls in by_key.items():
+    for calls in by_key.values():
         if len(calls) != size:
             dropped[f"group of {len(calls)} calls (TRL needs {size} per group)"] += len(calls)
         elif size < 2:

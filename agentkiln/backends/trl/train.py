@@ -28,7 +28,7 @@ from typing import Any
 
 from agentkiln.algorithms.dpo.algorithm import PreferencePair
 from agentkiln.backends.trl.config import TRLBackendConfig
-from agentkiln.backends.trl.datasets import dpo_rows, group_rollout, grpo_groups, sft_rows
+from agentkiln.backends.trl.datasets import GRPOGroups, Prepared, dpo_rows, group_rollout, grpo_groups, sft_rows
 from agentkiln.models import Transition
 from agentkiln.training.config import ADAPTER_DIR
 
@@ -83,18 +83,6 @@ def _trl_args(config_cls: type, config: TRLBackendConfig, out: Path, **algorithm
     return config_cls(**values)
 
 
-def _peft_config(config: TRLBackendConfig) -> Any:
-    if config.lora is None:
-        return None
-    from peft import LoraConfig
-
-    lora = config.lora
-    return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )  # fmt: skip
-
-
 def _model_and_tokenizer(model_dir: str | Path, init_adapter: str | Path | None) -> tuple[Any, Any]:
     """Local safetensors only (never a hub id, never pickle), fp32 master weights like our learner;
     with `init_adapter` the model is that trainable peft adapter on the base (a warm start)."""
@@ -107,6 +95,11 @@ def _model_and_tokenizer(model_dir: str | Path, init_adapter: str | Path | None)
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     model.train()
     return model, load_tokenizer(model_dir)
+
+
+def _peft_config(config: TRLBackendConfig) -> Any:
+    """TRL wraps the model in this adapter; None trains all weights (or an adapter already loaded)."""
+    return config.lora.peft_config() if config.lora is not None else None
 
 
 @contextlib.contextmanager
@@ -133,18 +126,18 @@ def _run(trainer: Any) -> None:
     trainer.train()
 
 
-def _sft_trainer(rows: list[dict], model: Any, tok: Any, config: TRLBackendConfig, out: Path) -> Any:
+def _sft_trainer(data: Prepared, model: Any, tok: Any, config: TRLBackendConfig, out: Path) -> Any:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     args = _trl_args(SFTConfig, config, out, max_length=config.max_length, dataset_num_proc=None)
     return SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+        model=model, args=args, train_dataset=Dataset.from_list(data.rows), processing_class=tok,
         peft_config=_peft_config(config),
     )  # fmt: skip
 
 
-def _dpo_trainer(rows: list[dict], model: Any, tok: Any, config: TRLBackendConfig, out: Path) -> Any:
+def _dpo_trainer(data: Prepared, model: Any, tok: Any, config: TRLBackendConfig, out: Path) -> Any:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -155,7 +148,7 @@ def _dpo_trainer(rows: list[dict], model: Any, tok: Any, config: TRLBackendConfi
         ids, which are exactly what its collator reads, so preparation is only the length filter.
         """
 
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # noqa: ANN001
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if args.max_length is None:
                 return dataset
             return dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
@@ -163,12 +156,12 @@ def _dpo_trainer(rows: list[dict], model: Any, tok: Any, config: TRLBackendConfi
     extra = {"beta": config.beta} if config.beta is not None else {}
     args = _trl_args(DPOConfig, config, out, max_length=config.max_length, **extra)
     return TokenDPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+        model=model, args=args, train_dataset=Dataset.from_list(data.rows), processing_class=tok,
         peft_config=_peft_config(config),
     )  # fmt: skip
 
 
-def _grpo_trainer(groups: Any, model: Any, tok: Any, config: TRLBackendConfig, out: Path) -> Any:
+def _grpo_trainer(groups: GRPOGroups, model: Any, tok: Any, config: TRLBackendConfig, out: Path) -> Any:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -219,14 +212,14 @@ def train_with_trl(
     if config.algorithm == "dpo":
         if any(not isinstance(p, PreferencePair) for p in data):
             raise TypeError("dpo trains on PreferencePair records (chosen, rejected)")
-        prepared: Any = dpo_rows(data)  # type: ignore[arg-type]
+        prepared: Prepared | GRPOGroups = dpo_rows(data)  # type: ignore[arg-type]
     elif any(not isinstance(t, Transition) for t in data):
         raise TypeError(f"{config.algorithm} trains on Transition records")
     elif config.algorithm == "sft":
         prepared = sft_rows(data)  # type: ignore[arg-type]
     else:
         prepared = grpo_groups(data)  # type: ignore[arg-type]
-    trained_on = sum(len(v) for v in prepared.groups.values()) if config.algorithm == "grpo" else len(prepared.rows)
+    trained_on = prepared.trained_on
     adapter: str | None = None
     metrics: list[dict[str, float]] = []
     if trained_on:
@@ -237,8 +230,7 @@ def train_with_trl(
             config = dataclasses.replace(config, lora=None)  # the loaded adapter is what trains
         build = {"sft": _sft_trainer, "dpo": _dpo_trainer, "grpo": _grpo_trainer}[config.algorithm]
         with tempfile.TemporaryDirectory(prefix="kiln-trl-") as scratch, _quiet():  # output_dir: logs only
-            trainer = build(prepared if config.algorithm == "grpo" else prepared.rows, model, tok, config,
-                            Path(scratch))  # fmt: skip
+            trainer = build(prepared, model, tok, config, Path(scratch))  # type: ignore[arg-type]
             _run(trainer)
             target = out / ADAPTER_DIR
             trainer.model.save_pretrained(str(target))
