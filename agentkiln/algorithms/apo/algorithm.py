@@ -71,6 +71,20 @@ async def base_resources(
     return llms, prompts, template
 
 
+async def publish_prompt(
+    run: Run,
+    llms: dict[str, LLMEndpoint],
+    prompts: dict[str, PromptTemplate],
+    prompt_name: str,
+    template: PromptTemplate,
+    text: str,
+    note: dict[str, Any],
+) -> str:
+    """Publish `text` as prompts[prompt_name] (the template's other settings kept); its resources id."""
+    candidate = {**prompts, prompt_name: template.model_copy(update={"template": text})}
+    return (await run.publish(llms, candidate, note)).resources_id
+
+
 @dataclass
 class Candidate:
     prompt: str
@@ -117,8 +131,7 @@ class APO(Algorithm):
         return await base_resources(ctx, self.llms, self.prompt_name, self.initial_prompt)
 
     async def _publish(self, run: Run, text: str, note: dict[str, Any]) -> str:
-        prompts = {**self._prompts, self.prompt_name: self._template.model_copy(update={"template": text})}
-        return (await run.publish(self._llms, prompts, note)).resources_id
+        return await publish_prompt(run, self._llms, self._prompts, self.prompt_name, self._template, text, note)
 
     async def _publish_all(self, run: Run, cands: Sequence[Candidate]) -> list[str]:
         """One resources version per candidate, published in turn (each waits until served)."""

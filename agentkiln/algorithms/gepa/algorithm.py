@@ -18,7 +18,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from agentkiln.algorithms.apo.algorithm import BEST_FILE, base_resources
+from agentkiln.algorithms.apo.algorithm import BEST_FILE, base_resources, publish_prompt
 from agentkiln.algorithms.apo.config import OptimizerLLM
 from agentkiln.algorithms.apo.prompts import check_candidate, final_answer, placeholder_rule
 from agentkiln.algorithms.gepa.config import GEPAConfig
@@ -112,8 +112,7 @@ class GEPA(Algorithm):
     rollout_config: RolloutConfig = field(default_factory=default_rollout_config)
 
     async def _publish(self, run: Run, text: str, note: dict[str, Any]) -> str:
-        prompts = {**self._prompts, self.prompt_name: self._template.model_copy(update={"template": text})}
-        return (await run.publish(self._llms, prompts, note)).resources_id
+        return await publish_prompt(run, self._llms, self._prompts, self.prompt_name, self._template, text, note)
 
     def _reflection_lm(self, adapter: _Adapter, ctx: TrainingContext, client: Any) -> Any:
         def reflect(prompt: str | list[dict[str, Any]]) -> str:
